@@ -1,0 +1,264 @@
+//! The command line: `init`, `ceremony`, `keys`, `bench`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hsmca_hsm::{PinSource, TokenConfig};
+
+use crate::state_dir::{InitOutcome, StateDir};
+
+mod bench;
+
+/// hsmca: a hardened, HSM-backed certificate authority for Istio meshes.
+#[derive(Debug, Parser)]
+#[command(name = "hsmca", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the embedded default in DIR: a SoftHSM2 token with a P-256 root and intermediate,
+    /// and root-cert.pem, ca-cert.pem, cert-chain.pem. Does nothing when DIR is initialised.
+    Init {
+        /// The state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Trust domain; the root's subject is O=<trust domain>, as istiod's.
+        #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Production key ceremonies, each driven by one TOML file (see examples/).
+    Ceremony {
+        #[command(subcommand)]
+        kind: Ceremony,
+    },
+    /// Inspect keys in a token.
+    Keys {
+        #[command(subcommand)]
+        command: Keys,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Ceremony {
+    /// Generate a root key (optionally) and a self-signed root certificate.
+    Root {
+        /// Ceremony config (TOML).
+        config: PathBuf,
+    },
+    /// Generate an intermediate key (optionally) and sign its certificate with a root key.
+    Intermediate {
+        /// Ceremony config (TOML).
+        config: PathBuf,
+    },
+    /// Make a PKCS#10 CSR for a token key, for an offline or third-party root.
+    Csr {
+        /// Ceremony config (TOML).
+        config: PathBuf,
+    },
+    /// Import the certificate and chain issued for a token key.
+    Import {
+        /// Ceremony config (TOML).
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Keys {
+    /// List the private keys of a token with their security attributes.
+    List(TokenArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Raw token signing per second, P-256 and RSA-2048, 1 and N sessions, on a fresh
+    /// temporary SoftHSM2 token.
+    Hsm {
+        /// Seconds per case.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Sessions (and threads) for the parallel case; default: the number of cores.
+        #[arg(long)]
+        sessions: Option<usize>,
+    },
+}
+
+/// Which token: an hsmca state directory, or module + label + PIN source.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Use the token of an hsmca state directory.
+    #[arg(long, conflicts_with_all = ["module", "token"])]
+    state_dir: Option<PathBuf>,
+    /// PKCS#11 module path (default: the system SoftHSM2).
+    #[arg(long)]
+    module: Option<PathBuf>,
+    /// Token label.
+    #[arg(long)]
+    token: Option<String>,
+    /// File holding the user PIN.
+    #[arg(long, conflicts_with = "pin_env")]
+    pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    #[arg(long)]
+    pin_env: Option<String>,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Init {
+            state_dir,
+            trust_domain,
+        } => {
+            let dir = StateDir::new(&state_dir);
+            match dir.init(&trust_domain)? {
+                InitOutcome::AlreadyInitialised => println!(
+                    "{} is already initialised; nothing changed",
+                    state_dir.display()
+                ),
+                InitOutcome::Created if std::env::var_os("HSMCA_INIT_STAGING").is_some() => {}
+                InitOutcome::Created => {
+                    println!("initialised {}:", state_dir.display());
+                    println!(
+                        "  SoftHSM2 token {:?} ({})",
+                        crate::state_dir::TOKEN_LABEL,
+                        dir.token_dir().display()
+                    );
+                    println!(
+                        "  keys {:?} and {:?}: ECDSA P-256, sensitive, never extractable",
+                        crate::state_dir::ROOT_KEY,
+                        crate::state_dir::INTERMEDIATE_KEY
+                    );
+                    println!("  user PIN in {} (mode 0600)", dir.pin_file().display());
+                    println!("  root-cert.pem, ca-cert.pem, cert-chain.pem");
+                }
+            }
+            Ok(0)
+        }
+        Command::Ceremony { kind } => {
+            match kind {
+                Ceremony::Root { config } => crate::ceremony::root(&config)?,
+                Ceremony::Intermediate { config } => crate::ceremony::intermediate(&config)?,
+                Ceremony::Csr { config } => crate::ceremony::csr(&config)?,
+                Ceremony::Import { config } => crate::ceremony::import(&config)?,
+            }
+            Ok(0)
+        }
+        Command::Keys {
+            command: Keys::List(args),
+        } => keys_list(&args),
+        Command::Bench {
+            command: Bench::Hsm { seconds, sessions },
+        } => bench::hsm(Duration::from_secs(seconds), sessions),
+    }
+}
+
+fn token_config(args: &TokenArgs) -> anyhow::Result<(TokenConfig, Option<StateDir>)> {
+    if let Some(dir) = &args.state_dir {
+        let dir = StateDir::new(dir);
+        return Ok((dir.token_config()?, Some(dir)));
+    }
+    let label = args
+        .token
+        .clone()
+        .context("give --state-dir, or --token with --pin-file or --pin-env")?;
+    let pin = match (&args.pin_file, &args.pin_env) {
+        (Some(f), _) => PinSource::File(f.clone()),
+        (None, Some(v)) => PinSource::Env(v.clone()),
+        (None, None) => anyhow::bail!("give --pin-file or --pin-env"),
+    };
+    let module = match &args.module {
+        Some(m) => m.clone(),
+        None => crate::softhsm::module_path()?,
+    };
+    Ok((TokenConfig { module, label, pin }, None))
+}
+
+fn keys_list(args: &TokenArgs) -> anyhow::Result<i32> {
+    let (config, state) = token_config(args)?;
+    if let Some(state) = state {
+        if let Some(code) = state.ensure_conf_env()? {
+            return Ok(code);
+        }
+    }
+    let token = config.open()?;
+    let keys = token.list_keys()?;
+    println!(
+        "{:<24} {:<34} {:<11} {:>9} {:>11} {:>16} {:>17} {:>5}  verdict",
+        "LABEL",
+        "ID",
+        "ALGORITHM",
+        "SENSITIVE",
+        "EXTRACTABLE",
+        "ALWAYS_SENSITIVE",
+        "NEVER_EXTRACTABLE",
+        "LOCAL"
+    );
+    for k in &keys {
+        let s = &k.security;
+        let problems = s.problems();
+        println!(
+            "{:<24} {:<34} {:<11} {:>9} {:>11} {:>16} {:>17} {:>5}  {}",
+            k.label,
+            hex::encode(&k.id),
+            k.algorithm.map_or("unknown".to_string(), |a| a.to_string()),
+            s.sensitive,
+            s.extractable,
+            s.always_sensitive,
+            s.never_extractable,
+            s.local,
+            if problems.is_empty() {
+                "protected".to_string()
+            } else {
+                format!("INSECURE: {}", problems.join("; "))
+            }
+        );
+    }
+    if keys.is_empty() {
+        println!("(no private keys in token {:?})", token.label());
+    }
+    Ok(0)
+}
+
+/// Runs `work`, showing a ticking progress line on a terminal while it takes.
+pub fn with_progress<T>(what: &str, work: impl FnOnce() -> T) -> T {
+    if !std::io::stderr().is_terminal() {
+        return work();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        let what = what.to_owned();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let frames = ['|', '/', '-', '\\'];
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) {
+                eprint!(
+                    "\r{} {what}... {:.1}s",
+                    frames[i % 4],
+                    start.elapsed().as_secs_f64()
+                );
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("\r  {what}: done in {:.1}s", start.elapsed().as_secs_f64());
+        })
+    };
+    let out = work();
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    out
+}

@@ -1,0 +1,16 @@
+//! The issuance pipeline: a certificate template becomes a TBS certificate, the linter checks
+//! the exact TBS bytes, and only a [`LintedTbs`] can reach the signer.
+//!
+//! ```text
+//! CertTemplate ─prepare─▶ PreparedTbs ─lint─▶ LintedTbs ─issue (HSM sign, verify)─▶ Certificate
+//! ```
+
+mod lint;
+mod profile;
+mod tbs;
+
+pub use lint::{LintError, LintedTbs, lint};
+pub use profile::{
+    CertKind, intermediate_extensions, key_identifier, leaf_extensions, root_extensions,
+};
+pub use tbs::{CertTemplate, IssueError, IssuerInfo, PreparedTbs, issue, prepare, random_serial};
