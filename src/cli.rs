@@ -34,6 +34,15 @@ enum Command {
         #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Run the Istio CA server from a configuration file (production mode).
+    Serve {
+        /// The server configuration (TOML; see examples/serve.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The embedded default for a laptop: `init` DIR when needed, then serve with the
+    /// Kubernetes JWT authenticator (when a kubeconfig is found) and client certificates.
+    Dev(DevArgs),
     /// Production key ceremonies, each driven by one TOML file (see examples/).
     Ceremony {
         #[command(subcommand)]
@@ -49,6 +58,29 @@ enum Command {
         #[command(subcommand)]
         command: Bench,
     },
+}
+
+/// Options of `hsmca dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The state directory (created and initialised when needed).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// TLS listen address.
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: String,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    metrics_listen: String,
+    /// Also serve plaintext gRPC here, for local debugging (no caller is authenticated there).
+    #[arg(long)]
+    plaintext_listen: Option<String>,
+    /// Kubeconfig for TokenReviews (default: KUBECONFIG, then ~/.kube/config when present).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Trust domain.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +179,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Serve { config } => {
+            let settings = crate::server::Settings::load(&config)?;
+            runtime()?.block_on(crate::server::serve(settings))?;
+            Ok(0)
+        }
+        Command::Dev(args) => dev(args),
         Command::Ceremony { kind } => {
             match kind {
                 Ceremony::Root { config } => crate::ceremony::root(&config)?,
@@ -163,6 +201,64 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             command: Bench::Hsm { seconds, sessions },
         } => bench::hsm(Duration::from_secs(seconds), sessions),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn dev(args: DevArgs) -> anyhow::Result<i32> {
+    let dir = StateDir::new(&args.state_dir);
+    if !dir.is_initialised() || std::env::var_os("HSMCA_INIT_STAGING").is_some() {
+        dir.init(&args.trust_domain)?;
+        if std::env::var_os("HSMCA_INIT_STAGING").is_some() {
+            return Ok(0);
+        }
+        println!("hsmca: initialised {}", args.state_dir.display());
+    }
+    if let Some(code) = dir.ensure_conf_env()? {
+        return Ok(code);
+    }
+    let kubeconfig = args
+        .kubeconfig
+        .clone()
+        .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".kube/config"))
+                .filter(|p| p.exists())
+        });
+    if kubeconfig.is_none() {
+        tracing::info!("no kubeconfig found: the Kubernetes JWT authenticator is off");
+    }
+    let file = crate::server::config::FileConfig {
+        listen: Some(args.listen),
+        plaintext_listen: args.plaintext_listen,
+        metrics_listen: Some(args.metrics_listen),
+        trust_domain: Some(args.trust_domain),
+        server_dns_names: Some(vec!["istiod.istio-system.svc".into(), "localhost".into()]),
+        server_ips: Some(vec!["127.0.0.1".into()]),
+        hsm: crate::server::config::HsmSection {
+            token_label: crate::state_dir::TOKEN_LABEL.into(),
+            key_label: crate::state_dir::INTERMEDIATE_KEY.into(),
+            pin_file: Some(dir.pin_file()),
+            ..Default::default()
+        },
+        ca: crate::server::config::CaSection {
+            dir: args.state_dir.clone(),
+        },
+        authn: crate::server::config::AuthnSection {
+            kube_jwt: kubeconfig.is_some(),
+            kubeconfig,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let settings = crate::server::Settings::from_file(file, std::path::Path::new("."))?;
+    runtime()?.block_on(crate::server::serve(settings))?;
+    Ok(0)
 }
 
 fn token_config(args: &TokenArgs) -> anyhow::Result<(TokenConfig, Option<StateDir>)> {

@@ -8,9 +8,12 @@
 mod lint;
 mod profile;
 mod tbs;
+mod workload;
 
 pub use lint::{LintError, LintedTbs, lint};
 pub use profile::{
     CertKind, intermediate_extensions, key_identifier, leaf_extensions, root_extensions,
+    server_extensions,
 };
 pub use tbs::{CertTemplate, IssueError, IssuerInfo, PreparedTbs, issue, prepare, random_serial};
+pub use workload::{CheckedCsr, Issued, WorkloadCa, WorkloadError, WorkloadSettings};

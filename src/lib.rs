@@ -5,10 +5,12 @@
 //! `hsmca-policy`.
 #![forbid(unsafe_code)]
 
+pub mod authn;
 pub mod ca;
 pub mod ceremony;
 pub mod cli;
 pub mod files;
 pub mod issuance;
+pub mod server;
 pub mod softhsm;
 pub mod state_dir;

@@ -9,7 +9,10 @@ fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // One process-wide TLS crypto provider (ring) for the server and the Kubernetes client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = hsmca::cli::Cli::parse();
     let code = match hsmca::cli::run(cli) {
         Ok(code) => code,

@@ -208,6 +208,31 @@ fn findings(p: &PreparedTbs) -> Vec<String> {
                 );
             }
         }
+        CertKind::Server => {
+            if bc.as_ref().is_none_or(|(_, bc)| bc.ca) {
+                fail(
+                    "server_not_ca",
+                    "basicConstraints CA:false is required".into(),
+                );
+            }
+            if !aki_matches {
+                fail(
+                    "authority_key_identifier",
+                    "AKI must equal the issuer's SKI".into(),
+                );
+            }
+            match &eku {
+                Some(eku) if eku.0.contains(&super::profile::OID_SERVER_AUTH) => {}
+                _ => fail(
+                    "server_extended_key_usage",
+                    "EKU serverAuth is required".into(),
+                ),
+            }
+            match &san {
+                Some((_, san)) if !san.0.is_empty() => {}
+                _ => fail("server_san", "a DNS or IP SAN is required".into()),
+            }
+        }
         CertKind::Leaf => {
             if let Some((_, bc)) = &bc {
                 if bc.ca {

@@ -22,8 +22,10 @@ pub enum CertKind {
     Root,
     /// An intermediate CA that issues only leaves (pathLen 0).
     Intermediate,
-    /// A workload certificate.
+    /// A workload certificate (one SPIFFE ID).
     Leaf,
+    /// The CA server's own TLS certificate (DNS and IP names, serverAuth only).
+    Server,
 }
 
 /// The RFC 5280 method-1 key identifier: SHA-1 of the subjectPublicKey bits.
@@ -91,6 +93,39 @@ pub fn intermediate_extensions(subject_ski: &[u8], issuer_ski: &[u8]) -> Vec<Ext
         ski(subject_ski),
         aki(issuer_ski),
     ]
+}
+
+/// The server's own TLS certificate: CA:false, digitalSignature, EKU serverAuth, AKI, and a
+/// non-critical SAN with the DNS names and IP addresses it answers to.
+pub fn server_extensions(
+    issuer_ski: &[u8],
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> Result<Vec<Extension>, der::Error> {
+    let mut names = Vec::with_capacity(dns.len() + ips.len());
+    for name in dns {
+        names.push(GeneralName::DnsName(Ia5String::new(name)?));
+    }
+    for ip in ips {
+        let bytes = match ip {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        names.push(GeneralName::IpAddress(OctetString::new(bytes)?));
+    }
+    Ok(vec![
+        ext(
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+            true,
+        ),
+        ext(&KeyUsage(KeyUsages::DigitalSignature.into()), true),
+        ext(&ExtendedKeyUsage(vec![OID_SERVER_AUTH]), false),
+        aki(issuer_ski),
+        ext(&SubjectAltName(names), false),
+    ])
 }
 
 /// A workload leaf: CA:false (critical), digitalSignature (+keyEncipherment for RSA keys only,

@@ -1,0 +1,267 @@
+//! Workload certificates: check the CSR, decide the certificate (SANs from the authenticated
+//! identity only, lifetime capped), lint it, sign it in the token, verify it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use der::{DecodePem, Encode};
+use hsmca_hsm::{PublicKey, Signer};
+use x509_cert::Certificate;
+use x509_cert::name::Name;
+use x509_cert::request::CertReq;
+
+use super::{CertKind, CertTemplate, IssueError, IssuerInfo, LintError};
+use crate::ca::{self, CLOCK_SKEW, CaFiles};
+
+/// The largest CSR accepted, in bytes of PEM.
+pub const MAX_CSR_BYTES: usize = 64 * 1024;
+
+/// What the workload CA is allowed to do.
+#[derive(Debug, Clone)]
+pub struct WorkloadSettings {
+    /// Trust domain of the SPIFFE IDs.
+    pub trust_domain: String,
+    /// Lifetime when the request asks for none (`DEFAULT_WORKLOAD_CERT_TTL`).
+    pub default_ttl: Duration,
+    /// Longest lifetime a request may ask for (`MAX_WORKLOAD_CERT_TTL`).
+    pub max_ttl: Duration,
+}
+
+/// Why a workload certificate was not issued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkloadError {
+    /// The CSR is malformed, or its signature or key is unacceptable.
+    #[error("invalid CSR: {0}")]
+    BadCsr(String),
+    /// The requested lifetime is not allowed.
+    #[error("{0}")]
+    BadTtl(String),
+    /// The identity cannot be put in a certificate.
+    #[error("{0}")]
+    BadIdentity(String),
+    /// The linter refused the TBS: our bug, never silently fixed.
+    #[error(transparent)]
+    Lint(#[from] LintError),
+    /// The token could not sign.
+    #[error("HSM: {0}")]
+    Hsm(hsmca_hsm::Error),
+    /// Anything else that went wrong building or checking the certificate.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<IssueError> for WorkloadError {
+    fn from(e: IssueError) -> Self {
+        match e {
+            IssueError::Lint(l) => WorkloadError::Lint(l),
+            IssueError::Sign(h) => WorkloadError::Hsm(h),
+            other => WorkloadError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A CSR whose signature verified.
+#[derive(Debug, Clone)]
+pub struct CheckedCsr {
+    /// The key to certify.
+    pub public_key: PublicKey,
+    /// The CSR subject had a non-empty CommonName.
+    pub has_common_name: bool,
+    /// SHA-256 of the CSR as received, hex.
+    pub sha256: String,
+}
+
+/// A signed workload certificate.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The leaf.
+    pub certificate: Certificate,
+    /// `[leaf, intermediates..., root]`, one PEM certificate per string.
+    pub chain: Vec<String>,
+    /// Serial, hex.
+    pub serial: String,
+    /// notAfter.
+    pub not_after: SystemTime,
+}
+
+/// The signing CA for workloads: the token key, its certificate chain, and the limits.
+pub struct WorkloadCa {
+    signer: Arc<dyn Signer>,
+    issuer: IssuerInfo,
+    chain_pems: Vec<String>,
+    files: CaFiles,
+    settings: WorkloadSettings,
+}
+
+impl WorkloadCa {
+    /// A CA signing with `signer`, whose certificate and chain are `files`. Refuses a signer
+    /// whose key is not the key of `files.ca_cert`.
+    pub fn new(
+        signer: Arc<dyn Signer>,
+        files: CaFiles,
+        settings: WorkloadSettings,
+    ) -> Result<Self, WorkloadError> {
+        let issuer =
+            ca::issuer_info(&files.ca_cert).map_err(|e| WorkloadError::Internal(e.to_string()))?;
+        if signer.public_key() != &issuer.public_key {
+            return Err(WorkloadError::Internal(
+                "the token key is not the key certified by ca-cert.pem".into(),
+            ));
+        }
+        let chain_pems = files.full_chain().iter().map(ca::to_pem).collect();
+        Ok(WorkloadCa {
+            signer,
+            issuer,
+            chain_pems,
+            files,
+            settings,
+        })
+    }
+
+    /// The CA files.
+    pub fn files(&self) -> &CaFiles {
+        &self.files
+    }
+
+    /// The signer.
+    pub fn signer(&self) -> &Arc<dyn Signer> {
+        &self.signer
+    }
+
+    /// What the issuer looks like to a TBS.
+    pub fn issuer(&self) -> &IssuerInfo {
+        &self.issuer
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &WorkloadSettings {
+        &self.settings
+    }
+
+    /// Parses a PEM CSR, bounded in size, and verifies its self-signature and key.
+    pub fn check_csr(&self, pem: &str) -> Result<CheckedCsr, WorkloadError> {
+        use sha2::Digest;
+        let bad = |m: String| WorkloadError::BadCsr(m);
+        if pem.trim().is_empty() {
+            return Err(bad("empty CSR".into()));
+        }
+        if pem.len() > MAX_CSR_BYTES {
+            return Err(bad(format!("{} bytes, at most {MAX_CSR_BYTES}", pem.len())));
+        }
+        let req = CertReq::from_pem(pem.trim().as_bytes())
+            .map_err(|e| bad(format!("not a PEM-encoded PKCS#10 request: {e}")))?;
+        let info = req.info.to_der().map_err(|e| bad(e.to_string()))?;
+        let key_der = req
+            .info
+            .public_key
+            .to_der()
+            .map_err(|e| bad(e.to_string()))?;
+        let public_key = PublicKey::from_spki_der(&key_der).map_err(|e| bad(e.to_string()))?;
+        let sig = req
+            .signature
+            .as_bytes()
+            .ok_or_else(|| bad("signature bit string has unused bits".into()))?;
+        public_key
+            .verify(req.algorithm.oid, &info, sig)
+            .map_err(|e| bad(format!("CSR signature: {e}")))?;
+        let has_common_name = req
+            .info
+            .subject
+            .common_name()
+            .ok()
+            .flatten()
+            .is_some_and(|cn| !cn.value().is_empty());
+        Ok(CheckedCsr {
+            public_key,
+            has_common_name,
+            sha256: hex::encode(sha2::Sha256::digest(pem.as_bytes())),
+        })
+    }
+
+    /// The lifetime for a requested `validity_duration` in seconds (≤ 0: the default).
+    pub fn lifetime(&self, requested_seconds: i64) -> Result<Duration, WorkloadError> {
+        if requested_seconds <= 0 {
+            return Ok(self.settings.default_ttl);
+        }
+        let requested = Duration::from_secs(requested_seconds as u64);
+        if requested > self.settings.max_ttl {
+            return Err(WorkloadError::BadTtl(format!(
+                "requested TTL {}s is greater than the max allowed TTL {}s",
+                requested.as_secs(),
+                self.settings.max_ttl.as_secs()
+            )));
+        }
+        Ok(requested)
+    }
+
+    /// Decides, builds and lints the leaf for `identities`. Nothing is signed here.
+    pub fn prepare(
+        &self,
+        csr: &CheckedCsr,
+        identities: &[String],
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<super::LintedTbs, WorkloadError> {
+        let mut uris = Vec::new();
+        let mut dns = Vec::new();
+        for id in identities {
+            if id.starts_with("spiffe://") {
+                uris.push(id.clone());
+            } else {
+                dns.push(id.clone());
+            }
+        }
+        if uris.len() != 1 {
+            return Err(WorkloadError::BadIdentity(format!(
+                "a workload certificate carries exactly one SPIFFE ID; the caller has {}",
+                uris.len()
+            )));
+        }
+        let subject = if csr.has_common_name && uris[0].len() <= 64 {
+            use std::str::FromStr;
+            // RFC 4514 escaping is not needed: SPIFFE IDs hold no special characters.
+            Name::from_str(&format!("CN={}", uris[0]))
+                .map_err(|e| WorkloadError::Internal(e.to_string()))?
+        } else {
+            Name::default()
+        };
+        let subject_empty = subject.is_empty();
+        let not_after = (now + lifetime).min(self.issuer.not_after.unwrap_or(now + lifetime));
+        let extensions = super::leaf_extensions(
+            csr.public_key.is_rsa(),
+            &self.issuer.ski,
+            &uris,
+            &dns,
+            subject_empty,
+        )
+        .map_err(|e| WorkloadError::BadIdentity(format!("identity cannot be encoded: {e}")))?;
+        let template = CertTemplate {
+            kind: CertKind::Leaf,
+            serial: super::random_serial(),
+            subject,
+            not_before: now - CLOCK_SKEW,
+            not_after,
+            public_key: csr.public_key.clone(),
+            extensions,
+        };
+        Ok(super::lint(super::prepare(template, &self.issuer)?)?)
+    }
+
+    /// Signs a linted leaf in the token (blocking) and assembles the response chain.
+    pub fn sign(&self, linted: super::LintedTbs) -> Result<Issued, WorkloadError> {
+        let certificate = super::issue(linted, self.signer.as_ref())?;
+        let tbs = certificate.tbs_certificate();
+        let serial = hex::encode(tbs.serial_number().as_bytes());
+        let not_after = tbs.validity().not_after.to_system_time();
+        let mut chain = Vec::with_capacity(self.chain_pems.len() + 1);
+        chain.push(ca::to_pem(&certificate));
+        chain.extend(self.chain_pems.iter().cloned());
+        Ok(Issued {
+            certificate,
+            chain,
+            serial,
+            not_after,
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: the request pipeline, and the one
+//! place where domain errors become gRPC statuses.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use hsmca_policy::SpiffeId;
+use hsmca_proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::metrics::Metrics;
+use crate::authn::{AuthError, AuthKind, Authenticators, Caller, RequestCredentials};
+use crate::issuance::{WorkloadCa, WorkloadError};
+
+/// The CA service.
+pub struct CaService {
+    pub(super) ca: Arc<WorkloadCa>,
+    pub(super) authn: Arc<Authenticators>,
+    pub(super) metrics: Arc<Metrics>,
+    /// `<ns>/<sa>` of callers allowed to ask for another identity (`CA_TRUSTED_NODE_ACCOUNTS`).
+    pub(super) trusted_node_accounts: Vec<String>,
+}
+
+/// Why a request was refused; mapped to a gRPC status in [`RequestError::into_status`].
+#[derive(Debug)]
+pub enum RequestError {
+    /// Authentication failed (or impersonation was refused).
+    Unauthenticated(String),
+    /// The CSR or the lifetime is unacceptable.
+    InvalidArgument(String),
+    /// Policy refused the request.
+    PermissionDenied(String),
+    /// The HSM or an authentication backend is unreachable.
+    Unavailable(String),
+    /// Our bug or an unexpected failure; the detail is logged, never sent.
+    Internal(String),
+}
+
+impl RequestError {
+    fn into_status(self) -> Status {
+        match self {
+            RequestError::Unauthenticated(m) => Status::unauthenticated(m),
+            RequestError::InvalidArgument(m) => Status::invalid_argument(m),
+            RequestError::PermissionDenied(m) => Status::permission_denied(m),
+            RequestError::Unavailable(m) => Status::unavailable(m),
+            RequestError::Internal(_) => {
+                Status::internal("CSR signing error: the CA failed internally; see its log")
+            }
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            RequestError::Unauthenticated(_) => "Unauthenticated",
+            RequestError::InvalidArgument(_) => "InvalidArgument",
+            RequestError::PermissionDenied(_) => "PermissionDenied",
+            RequestError::Unavailable(_) => "Unavailable",
+            RequestError::Internal(_) => "Internal",
+        }
+    }
+
+    fn detail(&self) -> &str {
+        match self {
+            RequestError::Unauthenticated(m)
+            | RequestError::InvalidArgument(m)
+            | RequestError::PermissionDenied(m)
+            | RequestError::Unavailable(m)
+            | RequestError::Internal(m) => m,
+        }
+    }
+}
+
+fn credentials<T>(request: &Request<T>) -> RequestCredentials {
+    let peer_certs: Option<Vec<Vec<u8>>> = request
+        .peer_certs()
+        .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect());
+    let tls = request
+        .extensions()
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+        .is_some();
+    let bearer = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("Istio "))
+        })
+        .map(|t| Zeroizing::new(t.trim().to_owned()))
+        .filter(|t| !t.is_empty());
+    let cluster_ids = request
+        .metadata()
+        .get_all("clusterid")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    RequestCredentials {
+        tls,
+        peer_certs: peer_certs.unwrap_or_default(),
+        bearer,
+        cluster_ids,
+        peer: request.remote_addr(),
+    }
+}
+
+fn impersonated_identity(req: &IstioCertificateRequest) -> Result<Option<String>, RequestError> {
+    let Some(meta) = &req.metadata else {
+        return Ok(None);
+    };
+    let Some(value) = meta.fields.get("ImpersonatedIdentity") else {
+        return Ok(None);
+    };
+    match &value.kind {
+        Some(prost_types::value::Kind::StringValue(s)) if s.is_empty() => Ok(None),
+        Some(prost_types::value::Kind::StringValue(s)) => Ok(Some(s.clone())),
+        _ => Err(RequestError::Unauthenticated(
+            "request impersonation authentication failure: ImpersonatedIdentity must be a string"
+                .into(),
+        )),
+    }
+}
+
+impl CaService {
+    /// The identities the certificate will carry: the caller's, or an impersonated one when the
+    /// caller is a trusted node account (checked: Kubernetes JWT caller whose `<ns>/<sa>` is in
+    /// the trusted list; the requested ID is an Istio workload SPIFFE ID of our trust domain).
+    fn identities(
+        &self,
+        caller: &Caller,
+        impersonate: Option<String>,
+    ) -> Result<Vec<String>, RequestError> {
+        let Some(requested) = impersonate else {
+            return Ok(caller.identities.clone());
+        };
+        let refuse = |why: &str| {
+            tracing::warn!(caller = %caller, requested = %requested, why, "impersonation refused");
+            RequestError::Unauthenticated("request impersonation authentication failure".into())
+        };
+        if caller.kind != AuthKind::KubeJwt {
+            return Err(refuse("only Kubernetes JWT callers may impersonate"));
+        }
+        let account = format!(
+            "{}/{}",
+            caller.namespace.as_deref().unwrap_or_default(),
+            caller.service_account.as_deref().unwrap_or_default()
+        );
+        if !self.trusted_node_accounts.iter().any(|a| *a == account) {
+            return Err(refuse("caller is not a trusted node account"));
+        }
+        let id = SpiffeId::parse(&requested).map_err(|_| refuse("not a SPIFFE ID"))?;
+        if id.trust_domain() != self.ca.settings().trust_domain
+            || id.namespace_and_service_account().is_none()
+        {
+            return Err(refuse("not a workload identity of this trust domain"));
+        }
+        Ok(vec![id.to_string()])
+    }
+
+    async fn handle(
+        &self,
+        creds: &RequestCredentials,
+        req: IstioCertificateRequest,
+    ) -> Result<(Caller, crate::issuance::Issued), (Option<Caller>, RequestError)> {
+        let m = &self.metrics;
+        let caller = self.authn.authenticate(creds).await.map_err(|e| {
+            m.authentication_failure_count
+                .fetch_add(1, Ordering::Relaxed);
+            match e {
+                AuthError::Unauthenticated(r) => (None, RequestError::Unauthenticated(r)),
+                AuthError::Unavailable(r) => (None, RequestError::Unavailable(r)),
+            }
+        })?;
+        let with = |e| (Some(caller.clone()), e);
+        let impersonate = impersonated_identity(&req).map_err(with)?;
+        let identities = self.identities(&caller, impersonate).map_err(with)?;
+        let csr = self.ca.check_csr(&req.csr).map_err(|e| {
+            m.csr_parsing_err_count.fetch_add(1, Ordering::Relaxed);
+            with(RequestError::InvalidArgument(e.to_string()))
+        })?;
+        let lifetime = self.ca.lifetime(req.validity_duration).map_err(|e| {
+            m.ttl_err_count.fetch_add(1, Ordering::Relaxed);
+            with(RequestError::InvalidArgument(e.to_string()))
+        })?;
+        let linted = self
+            .ca
+            .prepare(&csr, &identities, lifetime, SystemTime::now())
+            .map_err(|e| with(self.sign_error(e)))?;
+        let ca = self.ca.clone();
+        let started = Instant::now();
+        let issued = tokio::task::spawn_blocking(move || ca.sign(linted))
+            .await
+            .map_err(|e| with(RequestError::Internal(format!("signing task failed: {e}"))))?
+            .map_err(|e| with(self.sign_error(e)))?;
+        m.observe_signing(started.elapsed());
+        m.success_cert_issuance_count
+            .fetch_add(1, Ordering::Relaxed);
+        Ok((caller, issued))
+    }
+
+    fn sign_error(&self, e: WorkloadError) -> RequestError {
+        let m = &self.metrics;
+        match e {
+            WorkloadError::BadCsr(r) | WorkloadError::BadTtl(r) | WorkloadError::BadIdentity(r) => {
+                RequestError::InvalidArgument(r)
+            }
+            WorkloadError::Hsm(h) => {
+                m.csr_sign_err_count.fetch_add(1, Ordering::Relaxed);
+                m.hsm_error_count.fetch_add(1, Ordering::Relaxed);
+                if h.is_unavailable() {
+                    RequestError::Unavailable("the CA's HSM is unavailable; retry later".into())
+                } else {
+                    RequestError::Internal(format!("HSM: {h}"))
+                }
+            }
+            other => {
+                m.csr_sign_err_count.fetch_add(1, Ordering::Relaxed);
+                RequestError::Internal(other.to_string())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        self.metrics.csr_count.fetch_add(1, Ordering::Relaxed);
+        let creds = credentials(&request);
+        let peer = creds.peer.map(|p| p.to_string()).unwrap_or_default();
+        match self.handle(&creds, request.into_inner()).await {
+            Ok((caller, issued)) => {
+                tracing::info!(
+                    peer,
+                    caller = %caller,
+                    cluster = caller.cluster.as_deref().unwrap_or(""),
+                    serial = %issued.serial,
+                    not_after = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "issued"
+                );
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.chain,
+                }))
+            }
+            Err((caller, e)) => {
+                let caller = caller.map(|c| c.to_string()).unwrap_or_default();
+                if matches!(e, RequestError::Internal(_) | RequestError::Unavailable(_)) {
+                    tracing::error!(
+                        peer,
+                        caller,
+                        code = e.code(),
+                        detail = e.detail(),
+                        "refused"
+                    );
+                } else {
+                    tracing::warn!(
+                        peer,
+                        caller,
+                        code = e.code(),
+                        detail = e.detail(),
+                        "refused"
+                    );
+                }
+                Err(e.into_status())
+            }
+        }
+    }
+}
