@@ -124,8 +124,8 @@ impl PublicKey {
         })
     }
 
-    /// Builds the SubjectPublicKeyInfo of an EC key from its curve and uncompressed point.
-    pub(crate) fn from_ec_point(algorithm: KeyAlgorithm, point: &[u8]) -> Result<Self> {
+    /// Builds the SubjectPublicKeyInfo of an EC key from its curve and SEC1 (uncompressed) point.
+    pub fn from_ec_point(algorithm: KeyAlgorithm, point: &[u8]) -> Result<Self> {
         let curve = match algorithm {
             KeyAlgorithm::EcdsaP256 => OID_P256,
             KeyAlgorithm::EcdsaP384 => OID_P384,
