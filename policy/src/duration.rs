@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        for s in ["90d", "24h", "1h30m", "45s", "1d1s"] {
+        for s in ["90d", "1d", "12h", "1h30m", "45s", "1d1s"] {
             assert_eq!(format_duration(parse_duration(s).unwrap()), s);
         }
     }
