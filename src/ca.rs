@@ -291,17 +291,40 @@ impl CaFiles {
             .collect()
     }
 
-    /// Writes the three files into `dir`, refusing to overwrite any. `cert-chain.pem` is written
-    /// last, so its presence means the set is complete.
+    /// Writes the three files into `dir`, refusing to overwrite any: when one of them exists,
+    /// nothing is written, and a failure part-way removes the files this call wrote.
+    /// `cert-chain.pem` is written last, so its presence means the set is complete.
     pub fn write(&self, dir: &Path) -> Result<(), CaError> {
+        for name in [Self::ROOT, Self::CA, Self::CHAIN] {
+            let path = dir.join(name);
+            if path.exists() {
+                return Err(CaError::Io {
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        format!(
+                            "{} already exists; refusing to overwrite it",
+                            path.display()
+                        ),
+                    ),
+                    path,
+                });
+            }
+        }
         let chain_pem: String = self.full_chain().iter().map(to_pem).collect();
+        let mut written = Vec::new();
         for (name, pem) in [
             (Self::ROOT, to_pem(self.root())),
             (Self::CA, to_pem(&self.ca_cert)),
             (Self::CHAIN, chain_pem),
         ] {
             let path = dir.join(name);
-            write_atomic(&path, pem.as_bytes(), 0o644, Overwrite::Never).map_err(io_err(&path))?;
+            if let Err(e) = write_atomic(&path, pem.as_bytes(), 0o644, Overwrite::Never) {
+                for done in &written {
+                    let _ = std::fs::remove_file(done);
+                }
+                return Err(io_err(&path)(e));
+            }
+            written.push(path);
         }
         Ok(())
     }

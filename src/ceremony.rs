@@ -325,8 +325,31 @@ pub fn csr(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs an import ceremony: the signed certificate must certify the token key and chain to a
-/// self-signed root.
+/// Refuses a certificate that may not issue certificates: basicConstraints must say cA and
+/// keyUsage must allow keyCertSign (RFC 5280 4.2.1.9, 4.2.1.3).
+fn require_ca(cert: &x509_cert::Certificate, file: &Path) -> anyhow::Result<()> {
+    use x509_cert::ext::pkix::{BasicConstraints, KeyUsage};
+    let tbs = cert.tbs_certificate();
+    let subject = tbs.subject();
+    let bad = |e: der::Error| anyhow::anyhow!("{}: {subject}: {e}", file.display());
+    match tbs.get_extension::<BasicConstraints>().map_err(bad)? {
+        Some((_, BasicConstraints { ca: true, .. })) => {}
+        _ => bail!(
+            "{}: {subject} is not a CA certificate (basicConstraints cA is not true)",
+            file.display()
+        ),
+    }
+    match tbs.get_extension::<KeyUsage>().map_err(bad)? {
+        Some((_, usage)) if usage.key_cert_sign() => Ok(()),
+        _ => bail!(
+            "{}: {subject} may not sign certificates (no keyUsage keyCertSign)",
+            file.display()
+        ),
+    }
+}
+
+/// Runs an import ceremony: the signed certificate must certify the token key, be a CA
+/// certificate, and chain to a self-signed root.
 pub fn import(config: &Path) -> anyhow::Result<()> {
     let (c, base): (ImportCeremony, _) = load(config)?;
     let out = base.join(&c.output.dir);
@@ -340,6 +363,10 @@ pub fn import(config: &Path) -> anyhow::Result<()> {
             c.certificate.display(),
             c.key_label
         );
+    }
+    require_ca(&cert, &c.certificate)?;
+    for issuer in &chain {
+        require_ca(issuer, &c.chain)?;
     }
     let files = CaFiles {
         ca_cert: cert,

@@ -13,6 +13,7 @@ use hsmca_hsm::{PinSource, TokenConfig};
 use crate::state_dir::{InitOutcome, StateDir};
 
 mod bench;
+mod policy_check;
 
 /// hsmca: a hardened, HSM-backed certificate authority for Istio meshes.
 #[derive(Debug, Parser)]
@@ -43,6 +44,12 @@ enum Command {
     /// The embedded default for a laptop: `init` DIR when needed, then serve with the
     /// Kubernetes JWT authenticator (when a kubeconfig is found) and client certificates.
     Dev(DevArgs),
+    /// Test a policy without an HSM: print the decision, the rule and the certificate it would
+    /// issue. Exit 0 when allowed, 3 when denied, 1 on error.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Production key ceremonies, each driven by one TOML file (see examples/).
     Ceremony {
         #[command(subcommand)]
@@ -58,6 +65,32 @@ enum Command {
         #[command(subcommand)]
         command: Bench,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Evaluate one request against a policy file.
+    Check(PolicyCheckArgs),
+}
+
+/// Options of `hsmca policy check`.
+#[derive(Debug, Args)]
+pub struct PolicyCheckArgs {
+    /// The policy file (TOML).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The caller: `AUTHENTICATOR:CLUSTER/NAMESPACE/SERVICE_ACCOUNT`, e.g. `kube-jwt:cluster1/foo/httpbin`.
+    #[arg(long)]
+    caller: String,
+    /// A CSR (PEM) to take the key type and requested SANs from.
+    #[arg(long)]
+    csr: Option<PathBuf>,
+    /// Key type when no CSR is given.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key_type: String,
+    /// Requested lifetime (`validity_duration`), e.g. `1h`.
+    #[arg(long)]
+    ttl: Option<String>,
 }
 
 /// Options of `hsmca dev`.
@@ -81,6 +114,9 @@ pub struct DevArgs {
     /// Trust domain.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// Policy file (default: Istio's behaviour).
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +221,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Dev(args) => dev(args),
+        Command::Policy {
+            command: PolicyCommand::Check(args),
+        } => policy_check::run(&args),
         Command::Ceremony { kind } => {
             match kind {
                 Ceremony::Root { config } => crate::ceremony::root(&config)?,
@@ -238,6 +277,7 @@ fn dev(args: DevArgs) -> anyhow::Result<i32> {
         plaintext_listen: args.plaintext_listen,
         metrics_listen: Some(args.metrics_listen),
         trust_domain: Some(args.trust_domain),
+        policy: args.policy.map(|p| std::path::absolute(&p).unwrap_or(p)),
         server_dns_names: Some(vec!["istiod.istio-system.svc".into(), "localhost".into()]),
         server_ips: Some(vec!["127.0.0.1".into()]),
         hsm: crate::server::config::HsmSection {

@@ -16,4 +16,6 @@ pub use profile::{
     server_extensions,
 };
 pub use tbs::{CertTemplate, IssueError, IssuerInfo, PreparedTbs, issue, prepare, random_serial};
-pub use workload::{CheckedCsr, Issued, WorkloadCa, WorkloadError, WorkloadSettings};
+pub use workload::{
+    CheckedCsr, Issued, MAX_CSR_BYTES, WorkloadCa, WorkloadError, WorkloadSettings, check_csr,
+};

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod policy_store;
 pub mod service;
 pub mod tls;
 
@@ -69,8 +70,6 @@ pub async fn open_ca(settings: &Settings) -> anyhow::Result<Arc<WorkloadCa>> {
             files,
             WorkloadSettings {
                 trust_domain: s.trust_domain.clone(),
-                default_ttl: s.default_ttl,
-                max_ttl: s.max_ttl,
             },
         )?;
         Ok(Arc::new(ca))
@@ -78,8 +77,23 @@ pub async fn open_ca(settings: &Settings) -> anyhow::Result<Arc<WorkloadCa>> {
     .await?
 }
 
+/// The policy in force: the file when one is configured, else Istio's behaviour.
+pub fn policy_store(settings: &Settings) -> anyhow::Result<policy_store::PolicyStore> {
+    match &settings.policy {
+        Some(path) => policy_store::PolicyStore::from_file(path.clone(), &settings.trust_domain),
+        None => Ok(policy_store::PolicyStore::fixed(
+            hsmca_policy::Policy::istio_default(
+                &settings.trust_domain,
+                settings.default_ttl,
+                settings.max_ttl,
+            )?,
+        )),
+    }
+}
+
 /// Runs the server until SIGINT/SIGTERM, then lets in-flight requests finish.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let policy = Arc::new(policy_store(&settings)?);
     let ca = open_ca(&settings).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let unix = |t: SystemTime| {
@@ -181,11 +195,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             ca: ca.clone(),
             authn: authn.clone(),
             metrics: metrics.clone(),
+            policy: policy.clone(),
             trusted_node_accounts: settings.trusted_node_accounts.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE)
     };
 
+    policy.watch(settings.trust_domain.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -48,13 +48,25 @@ pub fn env_points_at(conf: &Path) -> bool {
     }
 }
 
+/// Set in the environment of a re-run child, so that a child never re-runs itself again (a
+/// configuration that cannot be resolved would otherwise re-run the program without end).
+const RERUN_ENV: &str = "HSMCA_RERUN_SOFTHSM2_CONF";
+
 /// Runs this program again with the same arguments and `SOFTHSM2_CONF=conf` (plus `extra`
-/// variables), and returns its exit code.
+/// variables), and returns its exit code. Refuses when this process is itself such a re-run.
 pub fn rerun_with_conf(conf: &Path, extra: &[(&str, &str)]) -> anyhow::Result<i32> {
+    if let Some(previous) = std::env::var_os(RERUN_ENV) {
+        bail!(
+            "already re-run with SOFTHSM2_CONF={}, which is not {}; refusing to re-run again",
+            Path::new(&previous).display(),
+            conf.display()
+        );
+    }
     let exe = std::env::current_exe().context("locating the hsmca executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
-        .env("SOFTHSM2_CONF", conf);
+        .env("SOFTHSM2_CONF", conf)
+        .env(RERUN_ENV, conf);
     for (k, v) in extra {
         cmd.env(k, v);
     }

@@ -107,6 +107,14 @@ impl StateDir {
     /// Makes sure this process runs with `SOFTHSM2_CONF` set to this directory's configuration;
     /// otherwise re-runs the command with it and returns the child's exit code.
     pub fn ensure_conf_env(&self) -> anyhow::Result<Option<i32>> {
+        if !self.conf().is_file() {
+            bail!(
+                "{} is not an initialised hsmca state directory (no softhsm2.conf); run \
+                 `hsmca init --state-dir {}` first",
+                self.root.display(),
+                self.root.display()
+            );
+        }
         if softhsm::env_points_at(&self.conf()) {
             return Ok(None);
         }

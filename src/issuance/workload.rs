@@ -2,7 +2,7 @@
 //! identity only, lifetime capped), lint it, sign it in the token, verify it.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use der::{DecodePem, Encode};
 use hsmca_hsm::{PublicKey, Signer};
@@ -16,15 +16,11 @@ use crate::ca::{self, CLOCK_SKEW, CaFiles};
 /// The largest CSR accepted, in bytes of PEM.
 pub const MAX_CSR_BYTES: usize = 64 * 1024;
 
-/// What the workload CA is allowed to do.
+/// What the workload CA needs to know beyond its key and files.
 #[derive(Debug, Clone)]
 pub struct WorkloadSettings {
     /// Trust domain of the SPIFFE IDs.
     pub trust_domain: String,
-    /// Lifetime when the request asks for none (`DEFAULT_WORKLOAD_CERT_TTL`).
-    pub default_ttl: Duration,
-    /// Longest lifetime a request may ask for (`MAX_WORKLOAD_CERT_TTL`).
-    pub max_ttl: Duration,
 }
 
 /// Why a workload certificate was not issued.
@@ -66,6 +62,12 @@ impl From<IssueError> for WorkloadError {
 pub struct CheckedCsr {
     /// The key to certify.
     pub public_key: PublicKey,
+    /// Its type for policy (`ecdsa-p256`, `rsa-2048`, ...).
+    pub key_type: String,
+    /// URI SANs the CSR asks for (never trusted; policy decides).
+    pub uri_sans: Vec<String>,
+    /// DNS SANs the CSR asks for (never trusted; policy decides).
+    pub dns_sans: Vec<String>,
     /// The CSR subject had a non-empty CommonName.
     pub has_common_name: bool,
     /// SHA-256 of the CSR as received, hex.
@@ -139,100 +141,30 @@ impl WorkloadCa {
         &self.settings
     }
 
-    /// Parses a PEM CSR, bounded in size, and verifies its self-signature and key.
-    pub fn check_csr(&self, pem: &str) -> Result<CheckedCsr, WorkloadError> {
-        use sha2::Digest;
-        let bad = |m: String| WorkloadError::BadCsr(m);
-        if pem.trim().is_empty() {
-            return Err(bad("empty CSR".into()));
-        }
-        if pem.len() > MAX_CSR_BYTES {
-            return Err(bad(format!("{} bytes, at most {MAX_CSR_BYTES}", pem.len())));
-        }
-        let req = CertReq::from_pem(pem.trim().as_bytes())
-            .map_err(|e| bad(format!("not a PEM-encoded PKCS#10 request: {e}")))?;
-        let info = req.info.to_der().map_err(|e| bad(e.to_string()))?;
-        let key_der = req
-            .info
-            .public_key
-            .to_der()
-            .map_err(|e| bad(e.to_string()))?;
-        let public_key = PublicKey::from_spki_der(&key_der).map_err(|e| bad(e.to_string()))?;
-        let sig = req
-            .signature
-            .as_bytes()
-            .ok_or_else(|| bad("signature bit string has unused bits".into()))?;
-        public_key
-            .verify(req.algorithm.oid, &info, sig)
-            .map_err(|e| bad(format!("CSR signature: {e}")))?;
-        let has_common_name = req
-            .info
-            .subject
-            .common_name()
-            .ok()
-            .flatten()
-            .is_some_and(|cn| !cn.value().is_empty());
-        Ok(CheckedCsr {
-            public_key,
-            has_common_name,
-            sha256: hex::encode(sha2::Sha256::digest(pem.as_bytes())),
-        })
-    }
-
-    /// The lifetime for a requested `validity_duration` in seconds (≤ 0: the default).
-    pub fn lifetime(&self, requested_seconds: i64) -> Result<Duration, WorkloadError> {
-        if requested_seconds <= 0 {
-            return Ok(self.settings.default_ttl);
-        }
-        let requested = Duration::from_secs(requested_seconds as u64);
-        if requested > self.settings.max_ttl {
-            return Err(WorkloadError::BadTtl(format!(
-                "requested TTL {}s is greater than the max allowed TTL {}s",
-                requested.as_secs(),
-                self.settings.max_ttl.as_secs()
-            )));
-        }
-        Ok(requested)
-    }
-
-    /// Decides, builds and lints the leaf for `identities`. Nothing is signed here.
+    /// Builds and lints the leaf the policy approved. Nothing is signed here.
     pub fn prepare(
         &self,
         csr: &CheckedCsr,
-        identities: &[String],
-        lifetime: Duration,
-        now: SystemTime,
+        allowed: &hsmca_policy::Allowed,
     ) -> Result<super::LintedTbs, WorkloadError> {
-        let mut uris = Vec::new();
-        let mut dns = Vec::new();
-        for id in identities {
-            if id.starts_with("spiffe://") {
-                uris.push(id.clone());
-            } else {
-                dns.push(id.clone());
+        let subject = match &allowed.common_name {
+            Some(cn) => {
+                use std::str::FromStr;
+                // SPIFFE IDs hold no RFC 4514 special characters.
+                Name::from_str(&format!("CN={cn}"))
+                    .map_err(|e| WorkloadError::Internal(e.to_string()))?
             }
-        }
-        if uris.len() != 1 {
-            return Err(WorkloadError::BadIdentity(format!(
-                "a workload certificate carries exactly one SPIFFE ID; the caller has {}",
-                uris.len()
-            )));
-        }
-        let subject = if csr.has_common_name && uris[0].len() <= 64 {
-            use std::str::FromStr;
-            // RFC 4514 escaping is not needed: SPIFFE IDs hold no special characters.
-            Name::from_str(&format!("CN={}", uris[0]))
-                .map_err(|e| WorkloadError::Internal(e.to_string()))?
-        } else {
-            Name::default()
+            None => Name::default(),
         };
         let subject_empty = subject.is_empty();
-        let not_after = (now + lifetime).min(self.issuer.not_after.unwrap_or(now + lifetime));
+        let not_after = allowed
+            .not_after
+            .min(self.issuer.not_after.unwrap_or(allowed.not_after));
         let extensions = super::leaf_extensions(
             csr.public_key.is_rsa(),
             &self.issuer.ski,
-            &uris,
-            &dns,
+            &allowed.uri_sans,
+            &allowed.dns_sans,
             subject_empty,
         )
         .map_err(|e| WorkloadError::BadIdentity(format!("identity cannot be encoded: {e}")))?;
@@ -240,7 +172,7 @@ impl WorkloadCa {
             kind: CertKind::Leaf,
             serial: super::random_serial(),
             subject,
-            not_before: now - CLOCK_SKEW,
+            not_before: allowed.not_before - CLOCK_SKEW,
             not_after,
             public_key: csr.public_key.clone(),
             extensions,
@@ -264,4 +196,83 @@ impl WorkloadCa {
             not_after,
         })
     }
+}
+
+/// Parses a PEM CSR, bounded in size, and verifies its self-signature and key.
+pub fn check_csr(pem: &str) -> Result<CheckedCsr, WorkloadError> {
+    use sha2::Digest;
+    let bad = |m: String| WorkloadError::BadCsr(m);
+    if pem.trim().is_empty() {
+        return Err(bad("empty CSR".into()));
+    }
+    if pem.len() > MAX_CSR_BYTES {
+        return Err(bad(format!("{} bytes, at most {MAX_CSR_BYTES}", pem.len())));
+    }
+    let req = CertReq::from_pem(pem.trim().as_bytes())
+        .map_err(|e| bad(format!("not a PEM-encoded PKCS#10 request: {e}")))?;
+    let info = req.info.to_der().map_err(|e| bad(e.to_string()))?;
+    let key_der = req
+        .info
+        .public_key
+        .to_der()
+        .map_err(|e| bad(e.to_string()))?;
+    let public_key = PublicKey::from_spki_der(&key_der).map_err(|e| bad(e.to_string()))?;
+    let sig = req
+        .signature
+        .as_bytes()
+        .ok_or_else(|| bad("signature bit string has unused bits".into()))?;
+    public_key
+        .verify(req.algorithm.oid, &info, sig)
+        .map_err(|e| bad(format!("CSR signature: {e}")))?;
+    let has_common_name = req
+        .info
+        .subject
+        .common_name()
+        .ok()
+        .flatten()
+        .is_some_and(|cn| !cn.value().is_empty());
+    let (uri_sans, dns_sans) = requested_sans(&req);
+    Ok(CheckedCsr {
+        key_type: public_key.type_name(),
+        public_key,
+        uri_sans,
+        dns_sans,
+        has_common_name,
+        sha256: hex::encode(sha2::Sha256::digest(pem.as_bytes())),
+    })
+}
+
+/// The SANs a CSR asks for in its extensionRequest attribute.
+fn requested_sans(req: &CertReq) -> (Vec<String>, Vec<String>) {
+    use der::oid::AssociatedOid;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::request::ExtensionReq;
+    let (mut uris, mut dns) = (Vec::new(), Vec::new());
+    for attr in req
+        .info
+        .attributes
+        .iter()
+        .filter(|a| a.oid == ExtensionReq::OID)
+    {
+        for value in attr.values.iter() {
+            let Ok(exts) = value.decode_as::<ExtensionReq>() else {
+                continue;
+            };
+            for ext in exts.0.iter().filter(|e| e.extn_id == SubjectAltName::OID) {
+                let Ok(san) = <SubjectAltName as der::Decode>::from_der(ext.extn_value.as_bytes())
+                else {
+                    continue;
+                };
+                for name in san.0 {
+                    match name {
+                        GeneralName::UniformResourceIdentifier(u) => uris.push(u.to_string()),
+                        GeneralName::DnsName(d) => dns.push(d.to_string()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    (uris, dns)
 }

@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub server_ips: Option<Vec<String>>,
     /// Lifetime of the server certificate (default `24h`; renewed at half).
     pub server_cert_lifetime: Option<String>,
+    /// Policy file (TOML); default: Istio's behaviour (identity SAN only, 24h, 90d max).
+    pub policy: Option<PathBuf>,
     /// The token and key.
     pub hsm: HsmSection,
     /// The CA files.
@@ -144,6 +146,8 @@ pub struct Settings {
     pub server_ips: Vec<IpAddr>,
     /// Server certificate lifetime.
     pub server_cert_lifetime: Duration,
+    /// Policy file.
+    pub policy: Option<PathBuf>,
     /// The token.
     pub token: TokenConfig,
     /// Signing key label.
@@ -301,6 +305,7 @@ impl Settings {
                 "server_cert_lifetime",
                 f.server_cert_lifetime.as_deref().unwrap_or("24h"),
             )?,
+            policy: f.policy.map(|p| base.join(p)),
             token: TokenConfig {
                 module,
                 label: f.hsm.token_label,

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::metrics::Metrics;
+use super::policy_store::PolicyStore;
 use crate::authn::{AuthError, AuthKind, Authenticators, Caller, RequestCredentials};
 use crate::issuance::{WorkloadCa, WorkloadError};
 
@@ -19,6 +20,7 @@ pub struct CaService {
     pub(super) ca: Arc<WorkloadCa>,
     pub(super) authn: Arc<Authenticators>,
     pub(super) metrics: Arc<Metrics>,
+    pub(super) policy: Arc<PolicyStore>,
     /// `<ns>/<sa>` of callers allowed to ask for another identity (`CA_TRUSTED_NODE_ACCOUNTS`).
     pub(super) trusted_node_accounts: Vec<String>,
 }
@@ -123,16 +125,16 @@ fn impersonated_identity(req: &IstioCertificateRequest) -> Result<Option<String>
 }
 
 impl CaService {
-    /// The identities the certificate will carry: the caller's, or an impersonated one when the
+    /// The identity a trusted node agent asks for on behalf of a workload, when it may: the
     /// caller is a trusted node account (checked: Kubernetes JWT caller whose `<ns>/<sa>` is in
     /// the trusted list; the requested ID is an Istio workload SPIFFE ID of our trust domain).
-    fn identities(
+    fn impersonation(
         &self,
         caller: &Caller,
         impersonate: Option<String>,
-    ) -> Result<Vec<String>, RequestError> {
+    ) -> Result<Option<SpiffeId>, RequestError> {
         let Some(requested) = impersonate else {
-            return Ok(caller.identities.clone());
+            return Ok(None);
         };
         let refuse = |why: &str| {
             tracing::warn!(caller = %caller, requested = %requested, why, "impersonation refused");
@@ -155,7 +157,56 @@ impl CaService {
         {
             return Err(refuse("not a workload identity of this trust domain"));
         }
-        Ok(vec![id.to_string()])
+        Ok(Some(id))
+    }
+
+    /// Asks the policy, for the caller or the identity it is allowed to impersonate.
+    fn decide(
+        &self,
+        caller: &Caller,
+        impersonated: Option<&SpiffeId>,
+        csr: &crate::issuance::CheckedCsr,
+        validity_seconds: i64,
+    ) -> Result<hsmca_policy::Allowed, RequestError> {
+        let policy = self.policy.current();
+        let impersonated_id = impersonated.map(ToString::to_string);
+        let (namespace, service_account) =
+            match impersonated.and_then(|s| s.namespace_and_service_account()) {
+                Some((n, s)) => (Some(n), Some(s)),
+                None => (
+                    caller.namespace.as_deref(),
+                    caller.service_account.as_deref(),
+                ),
+            };
+        let request = hsmca_policy::Request {
+            authenticator: caller.kind.name(),
+            identities: &caller.identities,
+            cluster: caller.cluster.as_deref(),
+            namespace,
+            service_account,
+            pod: caller.pod_name.as_deref(),
+            key_type: &csr.key_type,
+            csr_uri_sans: &csr.uri_sans,
+            csr_dns_sans: &csr.dns_sans,
+            csr_has_common_name: csr.has_common_name,
+            lifetime: (validity_seconds > 0)
+                .then(|| std::time::Duration::from_secs(validity_seconds as u64)),
+            impersonated: impersonated_id.as_deref(),
+            now: SystemTime::now(),
+        };
+        match hsmca_policy::evaluate(&policy, &request) {
+            hsmca_policy::Decision::Allow(a) => Ok(a),
+            hsmca_policy::Decision::Deny(d) => {
+                let message = format!("denied by {}: {}", d.rule, d.reason);
+                match d.kind {
+                    hsmca_policy::DenyKind::InvalidRequest => {
+                        self.metrics.ttl_err_count.fetch_add(1, Ordering::Relaxed);
+                        Err(RequestError::InvalidArgument(message))
+                    }
+                    _ => Err(RequestError::PermissionDenied(message)),
+                }
+            }
+        }
     }
 
     async fn handle(
@@ -174,18 +225,17 @@ impl CaService {
         })?;
         let with = |e| (Some(caller.clone()), e);
         let impersonate = impersonated_identity(&req).map_err(with)?;
-        let identities = self.identities(&caller, impersonate).map_err(with)?;
-        let csr = self.ca.check_csr(&req.csr).map_err(|e| {
+        let impersonated = self.impersonation(&caller, impersonate).map_err(with)?;
+        let csr = crate::issuance::check_csr(&req.csr).map_err(|e| {
             m.csr_parsing_err_count.fetch_add(1, Ordering::Relaxed);
             with(RequestError::InvalidArgument(e.to_string()))
         })?;
-        let lifetime = self.ca.lifetime(req.validity_duration).map_err(|e| {
-            m.ttl_err_count.fetch_add(1, Ordering::Relaxed);
-            with(RequestError::InvalidArgument(e.to_string()))
-        })?;
+        let allowed = self
+            .decide(&caller, impersonated.as_ref(), &csr, req.validity_duration)
+            .map_err(with)?;
         let linted = self
             .ca
-            .prepare(&csr, &identities, lifetime, SystemTime::now())
+            .prepare(&csr, &allowed)
             .map_err(|e| with(self.sign_error(e)))?;
         let ca = self.ca.clone();
         let started = Instant::now();
