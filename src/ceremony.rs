@@ -234,6 +234,16 @@ fn describe(cert: &x509_cert::Certificate) -> String {
     )
 }
 
+/// Creates the directory an output file goes into, before any key is generated: a key must
+/// not be made only for the ceremony to fail at writing its result.
+fn create_parent(out: &Path) -> anyhow::Result<()> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the output directory {}", dir.display())),
+        None => Ok(()),
+    }
+}
+
 /// Runs a root ceremony.
 pub fn root(config: &Path) -> anyhow::Result<()> {
     let (c, base): (RootCeremony, _) = load(config)?;
@@ -243,6 +253,7 @@ pub fn root(config: &Path) -> anyhow::Result<()> {
     }
     let subject = subject(&c.certificate.subject)?;
     let lifetime = validity(&c.certificate.validity)?;
+    create_parent(&out)?;
     let token = c.hsm.open(&base)?;
     key_for(&token, &c.key)?;
     let signer = signer(token, &c.key.label)?;
@@ -308,6 +319,7 @@ pub fn csr(config: &Path) -> anyhow::Result<()> {
         bail!("{} already exists; refusing to overwrite it", out.display());
     }
     let subject = subject(&c.csr.subject)?;
+    create_parent(&out)?;
     let token = c.hsm.open(&base)?;
     key_for(&token, &c.key)?;
     let signer = signer(token, &c.key.label)?;

@@ -10,10 +10,13 @@ mod profile;
 mod tbs;
 mod workload;
 
+#[cfg(test)]
+pub(crate) mod test_signer;
+
 pub use lint::{LintError, LintedTbs, lint};
 pub use profile::{
-    CertKind, intermediate_extensions, key_identifier, leaf_extensions, root_extensions,
-    server_extensions,
+    CertKind, OID_CLIENT_AUTH, OID_SERVER_AUTH, intermediate_extensions, key_identifier,
+    leaf_extensions, root_extensions, server_extensions,
 };
 pub use tbs::{CertTemplate, IssueError, IssuerInfo, PreparedTbs, issue, prepare, random_serial};
 pub use workload::{
