@@ -257,9 +257,7 @@ fn dev(args: DevArgs) -> anyhow::Result<i32> {
         }
         println!("hsmca: initialised {}", args.state_dir.display());
     }
-    if let Some(code) = dir.ensure_conf_env()? {
-        return Ok(code);
-    }
+    dir.ensure_conf_env()?;
     let kubeconfig = args
         .kubeconfig
         .clone()
@@ -325,9 +323,7 @@ fn token_config(args: &TokenArgs) -> anyhow::Result<(TokenConfig, Option<StateDi
 fn keys_list(args: &TokenArgs) -> anyhow::Result<i32> {
     let (config, state) = token_config(args)?;
     if let Some(state) = state {
-        if let Some(code) = state.ensure_conf_env()? {
-            return Ok(code);
-        }
+        state.ensure_conf_env()?;
     }
     let token = config.open()?;
     let keys = token.list_keys()?;

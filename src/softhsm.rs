@@ -52,6 +52,22 @@ pub fn env_points_at(conf: &Path) -> bool {
 /// configuration that cannot be resolved would otherwise re-run the program without end).
 const RERUN_ENV: &str = "HSMCA_RERUN_SOFTHSM2_CONF";
 
+/// Replaces this process with this program run again with the same arguments and
+/// `SOFTHSM2_CONF=conf`, so that signals (SIGTERM from a supervisor) reach the process that
+/// does the work. Returns only when the exec failed.
+pub fn exec_with_conf(conf: &Path) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return anyhow::Error::new(e).context("locating the hsmca executable"),
+    };
+    let err = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("SOFTHSM2_CONF", conf)
+        .exec();
+    anyhow::Error::new(err).context("re-running hsmca with the SoftHSM configuration")
+}
+
 /// Runs this program again with the same arguments and `SOFTHSM2_CONF=conf` (plus `extra`
 /// variables), and returns its exit code. Refuses when this process is itself such a re-run.
 pub fn rerun_with_conf(conf: &Path, extra: &[(&str, &str)]) -> anyhow::Result<i32> {

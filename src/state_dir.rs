@@ -55,10 +55,11 @@ pub enum InitOutcome {
 }
 
 impl StateDir {
-    /// The state directory at `path`.
+    /// The state directory at `path` (made absolute: the SoftHSM configuration names the
+    /// token directory by absolute path, so the state works from any working directory).
     pub fn new(path: &Path) -> Self {
         StateDir {
-            root: path.to_owned(),
+            root: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
         }
     }
 
@@ -105,8 +106,9 @@ impl StateDir {
     }
 
     /// Makes sure this process runs with `SOFTHSM2_CONF` set to this directory's configuration;
-    /// otherwise re-runs the command with it and returns the child's exit code.
-    pub fn ensure_conf_env(&self) -> anyhow::Result<Option<i32>> {
+    /// otherwise replaces this process with the same command run with it, so that signals
+    /// reach the process doing the work (returns only on error).
+    pub fn ensure_conf_env(&self) -> anyhow::Result<()> {
         if !self.conf().is_file() {
             bail!(
                 "{} is not an initialised hsmca state directory (no softhsm2.conf); run \
@@ -116,9 +118,9 @@ impl StateDir {
             );
         }
         if softhsm::env_points_at(&self.conf()) {
-            return Ok(None);
+            return Ok(());
         }
-        Ok(Some(softhsm::rerun_with_conf(&self.conf(), &[])?))
+        Err(softhsm::exec_with_conf(&self.conf()))
     }
 
     /// `hsmca init`: create the token, keys and CA files, or do nothing when they exist.
