@@ -12,6 +12,7 @@ use hsmca_hsm::{PinSource, TokenConfig};
 
 use crate::state_dir::{InitOutcome, StateDir};
 
+mod audit;
 mod bench;
 mod policy_check;
 
@@ -50,6 +51,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Verify or search the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Production key ceremonies, each driven by one TOML file (see examples/).
     Ceremony {
         #[command(subcommand)]
@@ -64,6 +70,42 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every hash link and checkpoint signature. Exit 0 when intact; otherwise exit 1
+    /// naming the file, line and record of the first problem.
+    Verify {
+        /// The audit directory (or one log file).
+        path: PathBuf,
+        /// The audit public key (PEM); default: `audit-key.pem` next to the audit directory.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// How many records after the last checkpoint are tolerated.
+        #[arg(long, default_value_t = 1000)]
+        max_unsealed: u64,
+    },
+    /// Find records.
+    Show {
+        /// The audit directory (or one log file).
+        path: PathBuf,
+        /// Records of this certificate serial (hex).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Records about this identity (SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Records at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this decision: `allow` or `deny`.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Print the matching records as JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -224,6 +266,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Policy {
             command: PolicyCommand::Check(args),
         } => policy_check::run(&args),
+        Command::Audit { command } => audit::run(command),
         Command::Ceremony { kind } => {
             match kind {
                 Ceremony::Root { config } => crate::ceremony::root(&config)?,
@@ -292,8 +335,14 @@ fn dev(args: DevArgs) -> anyhow::Result<i32> {
             kubeconfig,
             ..Default::default()
         },
+        audit: Some(crate::server::config::AuditSection {
+            dir: dir.audit_dir(),
+            key_label: crate::state_dir::AUDIT_KEY.into(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
+    dir.ensure_audit_key()?;
     let settings = crate::server::Settings::from_file(file, std::path::Path::new("."))?;
     runtime()?.block_on(crate::server::serve(settings))?;
     Ok(0)

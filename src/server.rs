@@ -77,6 +77,46 @@ pub async fn open_ca(settings: &Settings) -> anyhow::Result<Arc<WorkloadCa>> {
     .await?
 }
 
+/// Opens the audit log, sealed by the audit key in the CA's token, and records the start.
+async fn open_audit(
+    settings: &Settings,
+    ca: &WorkloadCa,
+    policy_version: &str,
+) -> anyhow::Result<Option<Arc<crate::audit::AuditLog>>> {
+    let Some(a) = settings.audit.clone() else {
+        tracing::warn!("AUDIT LOG DISABLED: certificates are issued without a record");
+        return Ok(None);
+    };
+    let token = settings.token.clone();
+    let signing_key = settings.key_label.clone();
+    let policy_version = policy_version.to_owned();
+    let serial = hex::encode(
+        ca.files()
+            .ca_cert
+            .tbs_certificate()
+            .serial_number()
+            .as_bytes(),
+    );
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Arc<crate::audit::AuditLog>>> {
+        let token = token.open()?;
+        let sealer = HsmSigner::open(token, &a.key_label, &SignerOptions { sessions: 1, allow_insecure_key: false })
+            .with_context(|| format!("opening audit key {:?}", a.key_label))?;
+        let log = crate::audit::AuditLog::open(&a.dir, Some(Arc::new(sealer)), a.options.clone())
+            .with_context(|| format!("opening the audit log in {}", a.dir.display()))?;
+        log.append_durable_blocking(crate::audit::Record {
+            kind: crate::audit::Kind::Start,
+            reason: Some(format!(
+                "hsmca {} started; signing key {signing_key:?} (certificate serial {serial}); policy {policy_version}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            policy_version: Some(policy_version),
+            ..Default::default()
+        })?;
+        Ok(Some(Arc::new(log)))
+    })
+    .await?
+}
+
 /// The policy in force: the file when one is configured, else Istio's behaviour.
 pub fn policy_store(settings: &Settings) -> anyhow::Result<policy_store::PolicyStore> {
     match &settings.policy {
@@ -95,6 +135,7 @@ pub fn policy_store(settings: &Settings) -> anyhow::Result<policy_store::PolicyS
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let policy = Arc::new(policy_store(&settings)?);
     let ca = open_ca(&settings).await?;
+    let audit = open_audit(&settings, &ca, &policy.current().version_hash).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let unix = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
@@ -196,6 +237,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             authn: authn.clone(),
             metrics: metrics.clone(),
             policy: policy.clone(),
+            audit: audit.clone(),
             trusted_node_accounts: settings.trusted_node_accounts.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE)
@@ -245,6 +287,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .add_service(make_service())
         .serve_with_incoming_shutdown(tls::incoming(listener, acceptor), stopped(stop_rx))
         .await?;
+    if let Some(audit) = audit {
+        tokio::task::spawn_blocking(move || audit.close()).await?;
+    }
     tracing::info!("stopped");
     Ok(())
 }

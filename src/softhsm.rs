@@ -54,9 +54,17 @@ const RERUN_ENV: &str = "HSMCA_RERUN_SOFTHSM2_CONF";
 
 /// Replaces this process with this program run again with the same arguments and
 /// `SOFTHSM2_CONF=conf`, so that signals (SIGTERM from a supervisor) reach the process that
-/// does the work. Returns only when the exec failed.
+/// does the work. Returns only when the exec failed, or when this process is itself such a
+/// re-run (which would otherwise re-run without end).
 pub fn exec_with_conf(conf: &Path) -> anyhow::Error {
     use std::os::unix::process::CommandExt;
+    if let Some(previous) = std::env::var_os(RERUN_ENV) {
+        return anyhow::anyhow!(
+            "already re-run with SOFTHSM2_CONF={}, which is not {}; refusing to re-run again",
+            Path::new(&previous).display(),
+            conf.display()
+        );
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return anyhow::Error::new(e).context("locating the hsmca executable"),
@@ -64,6 +72,7 @@ pub fn exec_with_conf(conf: &Path) -> anyhow::Error {
     let err = Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env("SOFTHSM2_CONF", conf)
+        .env(RERUN_ENV, conf)
         .exec();
     anyhow::Error::new(err).context("re-running hsmca with the SoftHSM configuration")
 }

@@ -31,6 +31,10 @@ pub const TOKEN_LABEL: &str = "hsmca";
 pub const ROOT_KEY: &str = "hsmca-root";
 /// Key label of the intermediate (signing) key.
 pub const INTERMEDIATE_KEY: &str = "hsmca-intermediate";
+/// Key label of the audit key (seals the audit log's checkpoints).
+pub const AUDIT_KEY: &str = "hsmca-audit";
+/// The audit public key, next to the root.
+pub const AUDIT_KEY_PEM: &str = "audit-key.pem";
 /// Root lifetime: 10 years.
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
 /// Intermediate lifetime: 3 years (never beyond the root's).
@@ -75,6 +79,26 @@ impl StateDir {
     pub fn token_dir(&self) -> PathBuf {
         self.root.join("tokens")
     }
+    /// `DIR/audit`.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
+    }
+
+    /// Creates the audit key and `DIR/audit-key.pem` when a state directory made by an
+    /// earlier version lacks them (needs `SOFTHSM2_CONF` set to this directory).
+    pub fn ensure_audit_key(&self) -> anyhow::Result<()> {
+        let pem = self.root.join(AUDIT_KEY_PEM);
+        if pem.exists() {
+            return Ok(());
+        }
+        let token = self.token_config()?.open()?;
+        if token.key_info(AUDIT_KEY).is_err() {
+            token.generate_key(AUDIT_KEY, KeyAlgorithm::EcdsaP256)?;
+            tracing::info!(key = AUDIT_KEY, "generated the audit key");
+        }
+        write_public_key_pem(&pem, &token.public_key(AUDIT_KEY)?)
+    }
+
     /// `DIR/hsm-pin`.
     pub fn pin_file(&self) -> PathBuf {
         self.root.join("hsm-pin")
@@ -188,13 +212,21 @@ impl StateDir {
         std::fs::rename(stage.join("tokens"), self.token_dir())?;
         softhsm::write_config(&self.conf(), &self.token_dir(), Overwrite::Never)?;
         std::fs::rename(stage.join("hsm-pin"), self.pin_file())?;
-        for name in [CaFiles::ROOT, CaFiles::CA, CaFiles::CHAIN] {
+        for name in [AUDIT_KEY_PEM, CaFiles::ROOT, CaFiles::CA, CaFiles::CHAIN] {
             std::fs::rename(stage.join(name), self.root.join(name))?;
         }
         std::fs::File::open(&self.root)?.sync_all()?;
         std::fs::remove_dir_all(stage)?;
         Ok(())
     }
+}
+
+/// Writes a public key as PEM (`PUBLIC KEY`), never overwriting.
+pub fn write_public_key_pem(path: &Path, key: &hsmca_hsm::PublicKey) -> anyhow::Result<()> {
+    let pem = der::pem::encode_string("PUBLIC KEY", der::pem::LineEnding::LF, key.spki_der())
+        .map_err(|e| anyhow::anyhow!("encoding the public key: {e}"))?;
+    crate::files::write_atomic(path, pem.as_bytes(), 0o644, Overwrite::Never)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn random_pin() -> String {
@@ -214,6 +246,8 @@ fn create_token_and_ca(stage: &Path, trust_domain: &str) -> anyhow::Result<()> {
     let token = module.open_token(TOKEN_LABEL, pin)?;
     token.generate_key(ROOT_KEY, KeyAlgorithm::EcdsaP256)?;
     token.generate_key(INTERMEDIATE_KEY, KeyAlgorithm::EcdsaP256)?;
+    token.generate_key(AUDIT_KEY, KeyAlgorithm::EcdsaP256)?;
+    write_public_key_pem(&stage.join(AUDIT_KEY_PEM), &token.public_key(AUDIT_KEY)?)?;
     let options = SignerOptions {
         sessions: 1,
         allow_insecure_key: false,

@@ -32,6 +32,17 @@ impl LintedTbs {
         &self.prepared.tbs_der
     }
 
+    /// The serial number, hex.
+    pub fn serial_hex(&self) -> String {
+        hex::encode(self.prepared.tbs.serial_number().as_bytes())
+    }
+
+    /// notBefore and notAfter.
+    pub fn validity(&self) -> (std::time::SystemTime, std::time::SystemTime) {
+        let v = self.prepared.tbs.validity();
+        (v.not_before.to_system_time(), v.not_after.to_system_time())
+    }
+
     pub(super) fn into_prepared(self) -> PreparedTbs {
         self.prepared
     }

@@ -41,6 +41,38 @@ pub struct FileConfig {
     /// Authentication.
     #[serde(default)]
     pub authn: AuthnSection,
+    /// The audit log.
+    pub audit: Option<AuditSection>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Directory of the log files.
+    pub dir: PathBuf,
+    /// Label of the audit key in the same token (checkpoints are signed with it).
+    pub key_label: String,
+    /// Seal at least every this many records (default 64).
+    pub checkpoint_every: Option<u64>,
+    /// Seal at least this often while records are unsealed (default `2s`).
+    pub checkpoint_interval: Option<String>,
+    /// Start a new file above this many MiB (default 64).
+    pub max_file_mib: Option<u64>,
+    /// Switch auditing off (only for benchmarks: the CA then issues unrecorded certificates).
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// Checked audit settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// Directory.
+    pub dir: PathBuf,
+    /// Audit key label.
+    pub key_label: String,
+    /// Writer options.
+    pub options: crate::audit::AuditOptions,
 }
 
 /// `[hsm]`.
@@ -172,6 +204,8 @@ pub struct Settings {
     pub trusted_node_accounts: Vec<String>,
     /// TokenReview cache limit.
     pub token_review_cache: Duration,
+    /// The audit log (`None`: off).
+    pub audit: Option<AuditSettings>,
 }
 
 fn dur(key: &str, value: &str) -> anyhow::Result<Duration> {
@@ -259,6 +293,29 @@ impl Settings {
                     .map_err(|_| anyhow::anyhow!("server_ips: {ip:?} is not an IP address"))
             })
             .collect::<anyhow::Result<Vec<IpAddr>>>()?;
+        let audit = match f.audit {
+            None => bail!(
+                "[audit] is required: dir and key_label (set disabled = true only for benchmarks)"
+            ),
+            Some(a) if a.disabled => None,
+            Some(a) => {
+                let d = crate::audit::AuditOptions::default();
+                Some(AuditSettings {
+                    dir: base.join(&a.dir),
+                    key_label: a.key_label,
+                    options: crate::audit::AuditOptions {
+                        checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every).max(1),
+                        checkpoint_interval: match &a.checkpoint_interval {
+                            Some(v) => dur("audit.checkpoint_interval", v)?,
+                            None => d.checkpoint_interval,
+                        },
+                        max_file_bytes: a
+                            .max_file_mib
+                            .map_or(d.max_file_bytes, |m| m.max(1) * 1024 * 1024),
+                    },
+                })
+            }
+        };
         let a = f.authn;
         let audiences = env("TOKEN_AUDIENCES")
             .map(|v| list(&v))
@@ -327,6 +384,7 @@ impl Settings {
                 .or(a.cluster_id)
                 .unwrap_or_else(|| "Kubernetes".into()),
             trusted_node_accounts,
+            audit,
             token_review_cache: dur(
                 "token_review_cache",
                 a.token_review_cache.as_deref().unwrap_or("60s"),

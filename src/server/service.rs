@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use super::metrics::Metrics;
 use super::policy_store::PolicyStore;
+use crate::audit::{AuditLog, Kind, Record};
 use crate::authn::{AuthError, AuthKind, Authenticators, Caller, RequestCredentials};
 use crate::issuance::{WorkloadCa, WorkloadError};
 
@@ -21,6 +22,8 @@ pub struct CaService {
     pub(super) authn: Arc<Authenticators>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) policy: Arc<PolicyStore>,
+    /// The audit log; `None` only when auditing is switched off (benchmarks).
+    pub(super) audit: Option<Arc<AuditLog>>,
     /// `<ns>/<sa>` of callers allowed to ask for another identity (`CA_TRUSTED_NODE_ACCOUNTS`).
     pub(super) trusted_node_accounts: Vec<String>,
 }
@@ -124,6 +127,12 @@ fn impersonated_identity(req: &IstioCertificateRequest) -> Result<Option<String>
     }
 }
 
+fn rfc3339(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
 impl CaService {
     /// The identity a trusted node agent asks for on behalf of a workload, when it may: the
     /// caller is a trusted node account (checked: Kubernetes JWT caller whose `<ns>/<sa>` is in
@@ -167,8 +176,10 @@ impl CaService {
         impersonated: Option<&SpiffeId>,
         csr: &crate::issuance::CheckedCsr,
         validity_seconds: i64,
+        trail: &mut Record,
     ) -> Result<hsmca_policy::Allowed, RequestError> {
         let policy = self.policy.current();
+        trail.policy_version = Some(policy.version_hash.clone());
         let impersonated_id = impersonated.map(ToString::to_string);
         let (namespace, service_account) =
             match impersonated.and_then(|s| s.namespace_and_service_account()) {
@@ -195,8 +206,12 @@ impl CaService {
             now: SystemTime::now(),
         };
         match hsmca_policy::evaluate(&policy, &request) {
-            hsmca_policy::Decision::Allow(a) => Ok(a),
+            hsmca_policy::Decision::Allow(a) => {
+                trail.policy_rule = Some(a.rule.clone());
+                Ok(a)
+            }
             hsmca_policy::Decision::Deny(d) => {
+                trail.policy_rule = Some(d.rule.clone());
                 let message = format!("denied by {}: {}", d.rule, d.reason);
                 match d.kind {
                     hsmca_policy::DenyKind::InvalidRequest => {
@@ -213,8 +228,10 @@ impl CaService {
         &self,
         creds: &RequestCredentials,
         req: IstioCertificateRequest,
+        trail: &mut Record,
     ) -> Result<(Caller, crate::issuance::Issued), (Option<Caller>, RequestError)> {
         let m = &self.metrics;
+        trail.requested_lifetime_s = Some(req.validity_duration);
         let caller = self.authn.authenticate(creds).await.map_err(|e| {
             m.authentication_failure_count
                 .fetch_add(1, Ordering::Relaxed);
@@ -223,20 +240,52 @@ impl CaService {
                 AuthError::Unavailable(r) => (None, RequestError::Unavailable(r)),
             }
         })?;
+        trail.authenticator = Some(caller.kind.name().to_owned());
+        trail.identities = caller.identities.clone();
+        trail.cluster = caller.cluster.clone();
         let with = |e| (Some(caller.clone()), e);
         let impersonate = impersonated_identity(&req).map_err(with)?;
+        trail.impersonated = impersonate.clone();
         let impersonated = self.impersonation(&caller, impersonate).map_err(with)?;
+        trail.csr_sha256 = Some(crate::audit::sha256_hex(req.csr.as_bytes()));
         let csr = crate::issuance::check_csr(&req.csr).map_err(|e| {
             m.csr_parsing_err_count.fetch_add(1, Ordering::Relaxed);
             with(RequestError::InvalidArgument(e.to_string()))
         })?;
+        trail.requested_sans = csr.uri_sans.iter().chain(&csr.dns_sans).cloned().collect();
         let allowed = self
-            .decide(&caller, impersonated.as_ref(), &csr, req.validity_duration)
+            .decide(
+                &caller,
+                impersonated.as_ref(),
+                &csr,
+                req.validity_duration,
+                trail,
+            )
             .map_err(with)?;
+        trail.decision = Some("allow".into());
         let linted = self
             .ca
             .prepare(&csr, &allowed)
             .map_err(|e| with(self.sign_error(e)))?;
+        let (not_before, not_after) = linted.validity();
+        trail.serial = Some(linted.serial_hex());
+        trail.not_before = Some(rfc3339(not_before));
+        trail.not_after = Some(rfc3339(not_after));
+        trail.sans = allowed
+            .uri_sans
+            .iter()
+            .chain(&allowed.dns_sans)
+            .cloned()
+            .collect();
+        if let Some(audit) = &self.audit {
+            // Boulder's habit: the intent is on disk before the HSM is called.
+            trail.kind = Kind::Signing;
+            audit.append_durable(trail.clone()).await.map_err(|e| {
+                with(RequestError::Unavailable(format!(
+                    "{e}; the CA issues nothing it cannot record"
+                )))
+            })?;
+        }
         let ca = self.ca.clone();
         let started = Instant::now();
         let issued = tokio::task::spawn_blocking(move || ca.sign(linted))
@@ -244,6 +293,17 @@ impl CaService {
             .map_err(|e| with(RequestError::Internal(format!("signing task failed: {e}"))))?
             .map_err(|e| with(self.sign_error(e)))?;
         m.observe_signing(started.elapsed());
+        if let Some(audit) = &self.audit {
+            trail.kind = Kind::Signed;
+            trail.cert_sha256 = Some(crate::audit::sha256_hex(
+                &der::Encode::to_der(&issued.certificate).unwrap_or_default(),
+            ));
+            audit.append_durable(trail.clone()).await.map_err(|e| {
+                with(RequestError::Unavailable(format!(
+                    "{e}; the certificate was signed but is withheld because it could not be recorded"
+                )))
+            })?;
+        }
         m.success_cert_issuance_count
             .fetch_add(1, Ordering::Relaxed);
         Ok((caller, issued))
@@ -282,13 +342,38 @@ impl IstioCertificateService for CaService {
         self.metrics.csr_count.fetch_add(1, Ordering::Relaxed);
         let creds = credentials(&request);
         let peer = creds.peer.map(|p| p.to_string()).unwrap_or_default();
-        match self.handle(&creds, request.into_inner()).await {
+        let mut trail = Record {
+            request_id: Some(format!("{:016x}", rand::random::<u64>())),
+            peer: Some(peer.clone()),
+            token_sha256: creds.token_sha256(),
+            ..Default::default()
+        };
+        let result = self.handle(&creds, request.into_inner(), &mut trail).await;
+        if let (Err((_, e)), Some(audit)) = (&result, &self.audit) {
+            // Every refusal is recorded too; after approval it is a signing failure.
+            trail.kind = if trail.kind == Kind::Signing {
+                Kind::Failed
+            } else {
+                Kind::Decision
+            };
+            if trail.kind == Kind::Decision {
+                trail.decision = Some("deny".into());
+            }
+            trail.reason = Some(e.detail().to_owned());
+            trail.status = Some(e.code().to_owned());
+            if let Err(err) = audit.append_durable(trail.clone()).await {
+                tracing::error!(error = %err, request_id = ?trail.request_id, "a refusal could not be recorded");
+            }
+        }
+        match result {
             Ok((caller, issued)) => {
                 tracing::info!(
                     peer,
+                    request_id = trail.request_id.as_deref().unwrap_or(""),
                     caller = %caller,
                     cluster = caller.cluster.as_deref().unwrap_or(""),
                     serial = %issued.serial,
+                    rule = trail.policy_rule.as_deref().unwrap_or(""),
                     not_after = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
                     ms = started.elapsed().as_millis() as u64,
                     "issued"
