@@ -169,10 +169,10 @@ impl Authenticators {
                 Outcome::NotApplicable => {}
             }
         }
-        if let Some(r) = unavailable {
-            if reasons.is_empty() {
-                return Err(AuthError::Unavailable(r));
-            }
+        if let Some(r) = unavailable
+            && reasons.is_empty()
+        {
+            return Err(AuthError::Unavailable(r));
         }
         if reasons.is_empty() {
             let how = if creds.tls {

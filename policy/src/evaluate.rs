@@ -225,10 +225,11 @@ pub fn evaluate(policy: &Policy, req: &Request<'_>) -> Decision {
     uri_sans.dedup();
     let mut dns_sans = Vec::new();
     for t in &rule.dns_sans {
-        if let Ok(name) = t.render(&vars) {
-            if req.csr_dns_sans.contains(&name) && !dns_sans.contains(&name) {
-                dns_sans.push(name);
-            }
+        if let Ok(name) = t.render(&vars)
+            && req.csr_dns_sans.contains(&name)
+            && !dns_sans.contains(&name)
+        {
+            dns_sans.push(name);
         }
     }
     if d.csr_sans == CsrSans::Deny {

@@ -43,8 +43,11 @@ pub struct VerifyReport {
     pub unsealed_tail: u64,
 }
 
+/// A record as read back: its file, 1-based line, and the record or why it does not parse.
+pub type ReadRecord = (PathBuf, usize, Result<Record, String>);
+
 /// Every record of the log in `dir` (or one file), in order, with its file and line.
-pub fn read_records(path: &Path) -> std::io::Result<Vec<(PathBuf, usize, Result<Record, String>)>> {
+pub fn read_records(path: &Path) -> std::io::Result<Vec<ReadRecord>> {
     let files = if path.is_dir() {
         log_files(path)?
     } else {

@@ -339,16 +339,18 @@ impl State {
         for (mut record, ack) in batch {
             self.chain(&mut record, &mut buf);
             acks.push((ack, record.seq));
-            if self.sealer.is_some() && self.unsealed >= self.options.checkpoint_every {
-                if let Err(e) = self.checkpoint(&mut buf) {
-                    tracing::error!(error = %e, "audit checkpoint could not be signed");
-                }
-            }
-        }
-        if seal_at_end && self.unsealed > 0 {
-            if let Err(e) = self.checkpoint(&mut buf) {
+            if self.sealer.is_some()
+                && self.unsealed >= self.options.checkpoint_every
+                && let Err(e) = self.checkpoint(&mut buf)
+            {
                 tracing::error!(error = %e, "audit checkpoint could not be signed");
             }
+        }
+        if seal_at_end
+            && self.unsealed > 0
+            && let Err(e) = self.checkpoint(&mut buf)
+        {
+            tracing::error!(error = %e, "audit checkpoint could not be signed");
         }
         if let Err(e) = self
             .file
@@ -369,10 +371,11 @@ impl State {
                 let _ = ack.send(result.clone().map(|()| seq).map_err(AuditError));
             }
         }
-        if result.is_ok() && self.size >= self.options.max_file_bytes {
-            if let Err(e) = self.rotate() {
-                tracing::error!(error = %e, "audit log rotation failed; continuing in the current file");
-            }
+        if result.is_ok()
+            && self.size >= self.options.max_file_bytes
+            && let Err(e) = self.rotate()
+        {
+            tracing::error!(error = %e, "audit log rotation failed; continuing in the current file");
         }
         result
     }

@@ -82,30 +82,29 @@ pub(super) fn run(command: AuditCommand) -> anyhow::Result<i32> {
             let mut shown = 0;
             if !json {
                 println!(
-                    "{:<5} {:<27} {:<10} {:<6} {:<36} {:<45} {}",
-                    "SEQ", "TIME", "KIND", "DECIS", "SERIAL", "IDENTITY", "RULE / REASON"
+                    "{:<5} {:<27} {:<10} {:<6} {:<36} {:<45} RULE / REASON",
+                    "SEQ", "TIME", "KIND", "DECIS", "SERIAL", "IDENTITY"
                 );
             }
             for (file, line, record) in records {
                 let record: Record =
                     record.map_err(|e| anyhow::anyhow!("{}:{line}: {e}", file.display()))?;
-                if let Some(s) = &serial {
-                    if record.serial.as_deref().map(norm).as_deref() != Some(s.as_str()) {
-                        continue;
-                    }
+                if let Some(s) = &serial
+                    && record.serial.as_deref().map(norm).as_deref() != Some(s.as_str())
+                {
+                    continue;
                 }
-                if let Some(id) = &identity {
-                    if !record.identities.contains(id)
-                        && !record.sans.contains(id)
-                        && record.impersonated.as_ref() != Some(id)
-                    {
-                        continue;
-                    }
+                if let Some(id) = &identity
+                    && !record.identities.contains(id)
+                    && !record.sans.contains(id)
+                    && record.impersonated.as_ref() != Some(id)
+                {
+                    continue;
                 }
-                if let Some(d) = &decision {
-                    if record.decision.as_deref() != Some(d.as_str()) {
-                        continue;
-                    }
+                if let Some(d) = &decision
+                    && record.decision.as_deref() != Some(d.as_str())
+                {
+                    continue;
                 }
                 if let Some(t) = since {
                     match record.time.parse::<jiff::Timestamp>() {

@@ -129,13 +129,13 @@ fn findings(p: &PreparedTbs) -> Vec<String> {
     if not_after.to_unix_duration() <= not_before.to_unix_duration() {
         fail("validity_order", "notAfter is not after notBefore".into());
     }
-    if let Some(issuer_not_after) = p.issuer.not_after {
-        if not_after.to_system_time() > issuer_not_after {
-            fail(
-                "validity_within_issuer",
-                "notAfter is past the issuer's notAfter".into(),
-            );
-        }
+    if let Some(issuer_not_after) = p.issuer.not_after
+        && not_after.to_system_time() > issuer_not_after
+    {
+        fail(
+            "validity_within_issuer",
+            "notAfter is past the issuer's notAfter".into(),
+        );
     }
 
     // Extensions: no duplicates, and decoded for the profile checks.
@@ -321,10 +321,10 @@ fn findings(p: &PreparedTbs) -> Vec<String> {
                         }
                     }
                     for n in &san.0 {
-                        if let GeneralName::DnsName(d) = n {
-                            if d.as_str().contains('*') {
-                                fail("san_wildcard", format!("wildcard DNS name {}", d.as_str()));
-                            }
+                        if let GeneralName::DnsName(d) = n
+                            && d.as_str().contains('*')
+                        {
+                            fail("san_wildcard", format!("wildcard DNS name {}", d.as_str()));
                         }
                     }
                 }

@@ -157,7 +157,7 @@ impl CaService {
             caller.namespace.as_deref().unwrap_or_default(),
             caller.service_account.as_deref().unwrap_or_default()
         );
-        if !self.trusted_node_accounts.iter().any(|a| *a == account) {
+        if !self.trusted_node_accounts.contains(&account) {
             return Err(refuse("caller is not a trusted node account"));
         }
         let id = SpiffeId::parse(&requested).map_err(|_| refuse("not a SPIFFE ID"))?;
