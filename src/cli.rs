@@ -51,6 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The node agent: Envoy SDS over a Unix socket with workload keys, CSRs and rotation.
+    Agent(AgentArgs),
     /// Verify or search the audit log.
     Audit {
         #[command(subcommand)]
@@ -71,6 +73,50 @@ enum Command {
         #[command(subcommand)]
         command: Bench,
     },
+}
+
+/// Options of `hsmca agent` (Istio's environment variable names set the same things).
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The CA, HOST:PORT.
+    #[arg(long, env = "CA_ADDR")]
+    ca_addr: String,
+    /// The root the CA's serving certificate chains to (PEM).
+    #[arg(long, env = "CA_ROOT_CA")]
+    ca_root: PathBuf,
+    /// The service-account token file (read for every request).
+    #[arg(long, env = "TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The SDS Unix socket.
+    #[arg(long, default_value = "./var/run/secrets/workload-spiffe-uds/socket")]
+    sds_socket: PathBuf,
+    /// Trust domain.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The workload's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The workload's service account.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
+    /// Workload key: ecdsa-p256 (default) or rsa-2048. ECC_SIGNATURE_ALGORITHM=ECDSA also picks P-256.
+    #[arg(long, env = "ECC_SIGNATURE_ALGORITHM", default_value = "ecdsa-p256")]
+    key_type: String,
+    /// Requested certificate lifetime.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h")]
+    secret_ttl: String,
+    /// Renew when this fraction of the lifetime has passed.
+    #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = 0.5)]
+    grace_ratio: f64,
+    /// Cluster id sent as the `clusterid` header.
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// Extra trust anchors (PEM files) merged into ROOTCA.
+    #[arg(long)]
+    trust_anchor: Vec<PathBuf>,
+    /// Also write key.pem, cert-chain.pem and root-cert.pem here, for applications without SDS.
+    #[arg(long, env = "OUTPUT_CERTS")]
+    output_certs: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +313,33 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             command: PolicyCommand::Check(args),
         } => policy_check::run(&args),
         Command::Audit { command } => audit::run(command),
+        Command::Agent(args) => {
+            let ttl = hsmca_policy::parse_duration(&args.secret_ttl).context("--secret-ttl")?;
+            if !(0.0..=1.0).contains(&args.grace_ratio) {
+                anyhow::bail!("--grace-ratio must be between 0 and 1");
+            }
+            let key_type = args
+                .key_type
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--key-type: {e}"))?;
+            let cfg = crate::agent::AgentConfig {
+                ca_addr: args.ca_addr,
+                ca_root: args.ca_root,
+                token_file: args.token_file,
+                sds_socket: args.sds_socket,
+                trust_domain: args.trust_domain,
+                namespace: args.namespace,
+                service_account: args.service_account,
+                key_type,
+                ttl,
+                grace_ratio: args.grace_ratio,
+                cluster_id: args.cluster_id,
+                extra_roots: args.trust_anchor,
+                output_certs: args.output_certs,
+            };
+            runtime()?.block_on(crate::agent::run(cfg))?;
+            Ok(0)
+        }
         Command::Ceremony { kind } => {
             match kind {
                 Ceremony::Root { config } => crate::ceremony::root(&config)?,

@@ -5,6 +5,7 @@
 //! `hsmca-policy`.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod audit;
 pub mod authn;
 pub mod ca;
