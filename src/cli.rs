@@ -14,6 +14,7 @@ use crate::state_dir::{InitOutcome, StateDir};
 
 mod audit;
 mod bench;
+mod bench_grpc;
 mod policy_check;
 
 /// hsmca: a hardened, HSM-backed certificate authority for Istio meshes.
@@ -249,6 +250,17 @@ enum Bench {
         #[arg(long)]
         sessions: Option<usize>,
     },
+    /// Signing throughput of an existing key (for example through p11-kit), for each session
+    /// count given.
+    Sign(bench::SignArgs),
+    /// Single-core verification rates of the CSR signature checks (the unavoidable crypto).
+    Crypto {
+        /// Seconds per case.
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+    },
+    /// End-to-end CreateCertificate load over gRPC/TLS.
+    Grpc(bench_grpc::GrpcArgs),
 }
 
 /// Which token: an hsmca state directory, or module + label + PIN source.
@@ -355,6 +367,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench {
             command: Bench::Hsm { seconds, sessions },
         } => bench::hsm(Duration::from_secs(seconds), sessions),
+        Command::Bench {
+            command: Bench::Sign(args),
+        } => bench::sign(&args),
+        Command::Bench {
+            command: Bench::Crypto { seconds },
+        } => bench::crypto(Duration::from_secs(seconds)),
+        Command::Bench {
+            command: Bench::Grpc(args),
+        } => runtime()?.block_on(bench_grpc::run(args)),
     }
 }
 

@@ -8,7 +8,6 @@ use std::fmt;
 use der::asn1::{BitString, ObjectIdentifier, UintRef};
 use der::{Decode, Encode};
 use rsa::traits::PublicKeyParts;
-use signature::Verifier;
 use signature::hazmat::PrehashVerifier;
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned, SubjectPublicKeyInfoRef};
 
@@ -32,6 +31,8 @@ const RSA_MAX_BITS: usize = 4096;
 #[derive(Clone)]
 pub struct PublicKey {
     spki_der: Vec<u8>,
+    /// The subjectPublicKey bits: the SEC1 point, or the PKCS#1 RSAPublicKey.
+    key_bits: Vec<u8>,
     kind: Kind,
 }
 
@@ -39,7 +40,7 @@ pub struct PublicKey {
 enum Kind {
     P256(p256::ecdsa::VerifyingKey),
     P384(p384::ecdsa::VerifyingKey),
-    Rsa { key: rsa::PublicKey, bits: usize },
+    Rsa { bits: usize },
 }
 
 #[derive(Clone, Copy)]
@@ -110,7 +111,7 @@ impl PublicKey {
                         "RSA public exponent must be odd and at least 65537".into(),
                     ));
                 }
-                Kind::Rsa { key, bits }
+                Kind::Rsa { bits }
             }
             other => {
                 return Err(Error::UnsupportedKey(format!(
@@ -120,6 +121,7 @@ impl PublicKey {
         };
         Ok(PublicKey {
             spki_der: der_bytes.to_vec(),
+            key_bits: key_bytes.to_vec(),
             kind,
         })
     }
@@ -205,7 +207,32 @@ impl PublicKey {
         message: &[u8],
         sig: &[u8],
     ) -> Result<()> {
+        use ring::signature as rs;
         let bad = |what: &str| Error::Verify(what.to_string());
+        // ring's assembly-optimised verifiers: measured about 10x faster than the RustCrypto
+        // ones for P-256 (see the crate docs); RustCrypto stays for what ring lacks.
+        let ring_alg: Option<&'static dyn rs::VerificationAlgorithm> =
+            match (&self.kind, algorithm_oid) {
+                (Kind::P256(_), OID_ECDSA_SHA256) => Some(&rs::ECDSA_P256_SHA256_ASN1),
+                (Kind::P256(_), OID_ECDSA_SHA384) => Some(&rs::ECDSA_P256_SHA384_ASN1),
+                (Kind::P384(_), OID_ECDSA_SHA256) => Some(&rs::ECDSA_P384_SHA256_ASN1),
+                (Kind::P384(_), OID_ECDSA_SHA384) => Some(&rs::ECDSA_P384_SHA384_ASN1),
+                (Kind::Rsa { .. }, OID_SHA256_RSA) => Some(&rs::RSA_PKCS1_2048_8192_SHA256),
+                (Kind::Rsa { .. }, OID_SHA384_RSA) => Some(&rs::RSA_PKCS1_2048_8192_SHA384),
+                (Kind::Rsa { .. }, OID_SHA512_RSA) => Some(&rs::RSA_PKCS1_2048_8192_SHA512),
+                _ => None,
+            };
+        if let Some(alg) = ring_alg {
+            return rs::UnparsedPublicKey::new(alg, &self.key_bits)
+                .verify(message, sig)
+                .map_err(|_| {
+                    bad(if self.is_rsa() {
+                        "RSA signature does not match"
+                    } else {
+                        "ECDSA signature does not match"
+                    })
+                });
+        }
         match &self.kind {
             Kind::P256(key) => {
                 let hash = ecdsa_hash(algorithm_oid)?;
@@ -221,24 +248,9 @@ impl PublicKey {
                 key.verify_prehash(&hash.digest(message), &sig)
                     .map_err(|_| bad("ECDSA signature does not match"))
             }
-            Kind::Rsa { key, .. } => {
-                let sig = rsa::pkcs1v15::Signature::try_from(sig)
-                    .map_err(|_| bad("malformed RSA signature"))?;
-                let result = match algorithm_oid {
-                    OID_SHA256_RSA => rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(key.clone())
-                        .verify(message, &sig),
-                    OID_SHA384_RSA => rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(key.clone())
-                        .verify(message, &sig),
-                    OID_SHA512_RSA => rsa::pkcs1v15::VerifyingKey::<sha2::Sha512>::new(key.clone())
-                        .verify(message, &sig),
-                    other => {
-                        return Err(Error::Verify(format!(
-                            "signature algorithm {other} is not accepted for an RSA key"
-                        )));
-                    }
-                };
-                result.map_err(|_| bad("RSA signature does not match"))
-            }
+            Kind::Rsa { .. } => Err(Error::Verify(format!(
+                "signature algorithm {algorithm_oid} is not accepted for an RSA key"
+            ))),
         }
     }
 }

@@ -14,8 +14,13 @@ pub trait Signer: Send + Sync {
     /// The public key of the signing key.
     fn public_key(&self) -> &PublicKey;
     /// Signs `message`, returning the X.509 signature value (a DER ECDSA-Sig-Value for ECDSA,
-    /// the PKCS#1 v1.5 signature for RSA). Implementations verify before returning.
+    /// the PKCS#1 v1.5 signature for RSA).
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>>;
+    /// True when [`Signer::sign`] has already verified every signature it returns against
+    /// [`Signer::public_key`], so a caller need not verify the same bytes again.
+    fn verifies_signatures(&self) -> bool {
+        false
+    }
 }
 
 /// How a signer uses its key.
@@ -154,6 +159,10 @@ impl HsmSigner {
 impl Signer for HsmSigner {
     fn algorithm(&self) -> KeyAlgorithm {
         self.algorithm
+    }
+
+    fn verifies_signatures(&self) -> bool {
+        true
     }
 
     fn public_key(&self) -> &PublicKey {

@@ -102,3 +102,89 @@ fn measure(
     }
     Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
+
+/// Options of `hsmca bench sign`.
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// PKCS#11 module (default: the system SoftHSM2; p11-kit-client.so for a network HSM).
+    #[arg(long)]
+    module: Option<std::path::PathBuf>,
+    /// Token label.
+    #[arg(long)]
+    token: String,
+    /// Environment variable holding the PIN.
+    #[arg(long, conflicts_with = "pin_file")]
+    pin_env: Option<String>,
+    /// File holding the PIN.
+    #[arg(long)]
+    pin_file: Option<std::path::PathBuf>,
+    /// Key label.
+    #[arg(long)]
+    key: String,
+    /// Session counts to measure, comma separated.
+    #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
+    sessions: Vec<usize>,
+    /// Seconds per case.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+}
+
+/// `hsmca bench sign`: one JSON line per session count.
+pub fn sign(args: &SignArgs) -> anyhow::Result<i32> {
+    let pin = match (&args.pin_env, &args.pin_file) {
+        (Some(v), _) => hsmca_hsm::PinSource::Env(v.clone()),
+        (None, Some(f)) => hsmca_hsm::PinSource::File(f.clone()),
+        _ => anyhow::bail!("give --pin-env or --pin-file"),
+    };
+    let module = match &args.module {
+        Some(m) => m.clone(),
+        None => softhsm::module_path()?,
+    };
+    let token = hsmca_hsm::TokenConfig {
+        module,
+        label: args.token.clone(),
+        pin,
+    }
+    .open()?;
+    for &n in &args.sessions {
+        let signer = Arc::new(HsmSigner::open(
+            token.clone(),
+            &args.key,
+            &SignerOptions {
+                sessions: n,
+                allow_insecure_key: false,
+            },
+        )?);
+        let raw = measure(&signer, n, Duration::from_secs(args.seconds), true)?;
+        let verified = measure(&signer, n, Duration::from_secs(args.seconds), false)?;
+        println!(
+            "{}",
+            serde_json::json!({"sessions": n, "algorithm": signer.algorithm().name(), "raw_sign_per_s": raw, "verified_sign_per_s": verified})
+        );
+    }
+    Ok(0)
+}
+
+/// `hsmca bench crypto`: single-core rates of the checks every certificate needs.
+pub fn crypto(per_case: Duration) -> anyhow::Result<i32> {
+    use crate::agent::workload_key::{WorkloadKeyType, generate};
+    let mut out = serde_json::Map::new();
+    for (name, kind) in [
+        ("ecdsa-p256", WorkloadKeyType::EcdsaP256),
+        ("rsa-2048", WorkloadKeyType::Rsa2048),
+    ] {
+        let key = generate(kind, "spiffe://cluster.local/ns/bench/sa/x")?;
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < per_case {
+            crate::issuance::check_csr(&key.csr_pem)?;
+            n += 1;
+        }
+        out.insert(
+            format!("csr_check_per_s_1core_{name}"),
+            (n as f64 / start.elapsed().as_secs_f64()).into(),
+        );
+    }
+    println!("{}", serde_json::Value::Object(out));
+    Ok(0)
+}
