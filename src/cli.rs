@@ -206,6 +206,9 @@ pub struct DevArgs {
     /// Policy file (default: Istio's behaviour).
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Per-identity rate limit, requests per second (default: none).
+    #[arg(long)]
+    rate_limit: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -428,6 +431,10 @@ fn dev(args: DevArgs) -> anyhow::Result<i32> {
             kube_jwt: kubeconfig.is_some(),
             kubeconfig,
             ..Default::default()
+        },
+        limits: crate::server::config::LimitsSection {
+            per_identity_rate: args.rate_limit,
+            per_identity_burst: None,
         },
         audit: Some(crate::server::config::AuditSection {
             dir: dir.audit_dir(),

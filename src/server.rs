@@ -4,6 +4,7 @@
 pub mod config;
 pub mod metrics;
 pub mod policy_store;
+pub mod rate_limit;
 pub mod service;
 pub mod tls;
 
@@ -238,6 +239,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             policy: policy.clone(),
             audit: audit.clone(),
+            rate_limit: settings.rate_limit.map(rate_limit::RateLimiter::new),
             trusted_node_accounts: settings.trusted_node_accounts.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE)

@@ -53,6 +53,8 @@ enum Msg {
 
 /// A handle to the audit log.
 pub struct AuditLog {
+    /// An exclusive lock on `DIR/.lock`: one writer per log.
+    _lock: File,
     tx: Mutex<Option<Sender<Msg>>>,
     healthy: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -70,6 +72,7 @@ struct State {
     sealer: Option<Arc<dyn Signer>>,
     key_id: Option<String>,
     options: AuditOptions,
+    healthy: Arc<AtomicBool>,
 }
 
 fn file_name(index: u32) -> String {
@@ -90,6 +93,18 @@ impl AuditLog {
     ) -> Result<AuditLog, AuditError> {
         let io = |what: &str, e: std::io::Error| AuditError(format!("{what}: {e}"));
         std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(".lock"))
+            .map_err(|e| io("opening the audit lock", e))?;
+        if lock.try_lock().is_err() {
+            return Err(AuditError(format!(
+                "{} is in use by another hsmca process: one CA writes one audit log",
+                dir.display()
+            )));
+        }
         let files = log_files(dir).map_err(|e| io("listing the audit directory", e))?;
         let (index, path) = match files.last() {
             Some(p) => {
@@ -177,6 +192,7 @@ impl AuditLog {
             sealer,
             key_id,
             options,
+            healthy: Arc::new(AtomicBool::new(true)),
         };
         if let Some(torn) = recovered {
             state
@@ -190,14 +206,14 @@ impl AuditLog {
                 )])
                 .map_err(AuditError)?;
         }
-        let healthy = Arc::new(AtomicBool::new(true));
+        let healthy = state.healthy.clone();
         let (tx, rx) = channel();
-        let h = healthy.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(state, rx, h))
+            .spawn(move || run(state, rx))
             .map_err(|e| io("starting the audit writer", e))?;
         Ok(AuditLog {
+            _lock: lock,
             tx: Mutex::new(Some(tx)),
             healthy,
             thread: Mutex::new(Some(thread)),
@@ -260,7 +276,7 @@ fn last_line(content: &[u8]) -> Option<&[u8]> {
     Some(&body[start..])
 }
 
-fn run(mut state: State, rx: Receiver<Msg>, healthy: Arc<AtomicBool>) {
+fn run(mut state: State, rx: Receiver<Msg>) {
     loop {
         let wait = if state.unsealed > 0 && state.sealer.is_some() {
             state
@@ -305,12 +321,8 @@ fn run(mut state: State, rx: Receiver<Msg>, healthy: Arc<AtomicBool>) {
         if batch.is_empty() && !seal_due {
             continue;
         }
-        match state.write_batch_sealing(batch, seal_due) {
-            Ok(()) => healthy.store(true, Ordering::Relaxed),
-            Err(e) => {
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, "audit log write failed: the CA refuses to issue until it succeeds");
-            }
+        if let Err(e) = state.write_batch_sealing(batch, seal_due) {
+            tracing::error!(error = %e, "audit log write failed: the CA refuses to issue until it succeeds");
         }
         if let Some(ack) = stop {
             let _ = ack.send(());
@@ -366,6 +378,8 @@ impl State {
         } else {
             self.size += buf.len() as u64;
         }
+        // Health is known before anyone learns the outcome of this batch.
+        self.healthy.store(result.is_ok(), Ordering::Relaxed);
         for (ack, seq) in acks {
             if let Some(ack) = ack {
                 let _ = ack.send(result.clone().map(|()| seq).map_err(AuditError));

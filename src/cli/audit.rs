@@ -1,5 +1,6 @@
 //! `hsmca audit verify` and `hsmca audit show`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -26,6 +27,18 @@ fn read_key(path: &Path) -> anyhow::Result<PublicKey> {
     let spki = spki::SubjectPublicKeyInfoOwned::from_pem(&pem)
         .map_err(|e| anyhow::anyhow!("{}: not a PEM public key: {e}", path.display()))?;
     Ok(PublicKey::from_spki_der(&der::Encode::to_der(&spki)?)?)
+}
+
+/// Writes a line to stdout; a closed pipe (`| head`) ends the listing quietly.
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => {
+        if let Err(e) = writeln!($out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(0);
+            }
+            return Err(e.into());
+        }
+    };
 }
 
 pub(super) fn run(command: AuditCommand) -> anyhow::Result<i32> {
@@ -80,10 +93,17 @@ pub(super) fn run(command: AuditCommand) -> anyhow::Result<i32> {
             let records = crate::audit::read_records(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let mut shown = 0;
+            let mut out = std::io::stdout().lock();
             if !json {
-                println!(
+                emit!(
+                    out,
                     "{:<5} {:<27} {:<10} {:<6} {:<36} {:<45} RULE / REASON",
-                    "SEQ", "TIME", "KIND", "DECIS", "SERIAL", "IDENTITY"
+                    "SEQ",
+                    "TIME",
+                    "KIND",
+                    "DECIS",
+                    "SERIAL",
+                    "IDENTITY"
                 );
             }
             for (file, line, record) in records {
@@ -119,9 +139,10 @@ pub(super) fn run(command: AuditCommand) -> anyhow::Result<i32> {
                 }
                 shown += 1;
                 if json {
-                    println!("{}", serde_json::to_string(&record)?);
+                    emit!(out, "{}", serde_json::to_string(&record)?);
                 } else {
-                    println!(
+                    emit!(
+                        out,
                         "{:<5} {:<27} {:<10} {:<6} {:<36} {:<45} {}",
                         record.seq,
                         record.time,
@@ -134,6 +155,7 @@ pub(super) fn run(command: AuditCommand) -> anyhow::Result<i32> {
                             .or(record.identities.first())
                             .map_or("-", String::as_str),
                         match (&record.policy_rule, &record.reason) {
+                            (Some(r), Some(why)) if why.contains(r.as_str()) => why.clone(),
                             (Some(r), Some(why)) => format!("{r}: {why}"),
                             (Some(r), None) => r.clone(),
                             (None, Some(why)) => why.clone(),
@@ -143,7 +165,7 @@ pub(super) fn run(command: AuditCommand) -> anyhow::Result<i32> {
                 }
             }
             if !json {
-                println!("({shown} records)");
+                emit!(out, "({shown} records)");
             }
             Ok(if shown == 0 { 2 } else { 0 })
         }

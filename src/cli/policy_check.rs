@@ -27,6 +27,14 @@ pub(super) fn run(args: &PolicyCheckArgs) -> anyhow::Result<i32> {
             "--caller is AUTHENTICATOR:CLUSTER/NAMESPACE/SERVICE_ACCOUNT, e.g. kube-jwt:cluster1/foo/httpbin"
         );
     };
+    // The server knows no cluster for a client-certificate caller; "-" (or empty) says so.
+    let cluster: Option<&str> = match *cluster {
+        "" | "-" => None,
+        c if authenticator == "client-cert" => bail!(
+            "a client-cert caller carries no cluster (the server knows none): write {authenticator}:-/{namespace}/{service_account}, not {c:?}"
+        ),
+        c => Some(c),
+    };
     let csr = match &args.csr {
         Some(path) => {
             let pem = std::fs::read_to_string(path)
@@ -50,7 +58,7 @@ pub(super) fn run(args: &PolicyCheckArgs) -> anyhow::Result<i32> {
     let request = Request {
         authenticator,
         identities: &identities,
-        cluster: Some(cluster),
+        cluster,
         namespace: Some(namespace),
         service_account: Some(service_account),
         pod: None,
@@ -69,7 +77,10 @@ pub(super) fn run(args: &PolicyCheckArgs) -> anyhow::Result<i32> {
         args.policy.display(),
         &policy.version_hash[..16]
     );
-    println!("caller:   {authenticator} {cluster}/{namespace}/{service_account}");
+    println!(
+        "caller:   {authenticator} {}/{namespace}/{service_account}",
+        cluster.unwrap_or("-")
+    );
     match evaluate(&policy, &request) {
         Decision::Allow(a) => {
             let life = a

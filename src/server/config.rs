@@ -43,6 +43,19 @@ pub struct FileConfig {
     pub authn: AuthnSection,
     /// The audit log.
     pub audit: Option<AuditSection>,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Sustained CreateCertificate requests per second per identity (default: no limit).
+    pub per_identity_rate: Option<f64>,
+    /// Burst per identity (default: 10 × the rate, at least 1).
+    pub per_identity_burst: Option<f64>,
 }
 
 /// `[audit]`.
@@ -206,6 +219,8 @@ pub struct Settings {
     pub token_review_cache: Duration,
     /// The audit log (`None`: off).
     pub audit: Option<AuditSettings>,
+    /// Per-identity rate limit.
+    pub rate_limit: Option<super::rate_limit::Limit>,
 }
 
 fn dur(key: &str, value: &str) -> anyhow::Result<Duration> {
@@ -316,6 +331,20 @@ impl Settings {
                 })
             }
         };
+        let rate_limit = match f.limits.per_identity_rate {
+            None => None,
+            Some(rate) if rate > 0.0 && rate.is_finite() => {
+                let burst = f
+                    .limits
+                    .per_identity_burst
+                    .unwrap_or((rate * 10.0).max(1.0));
+                if !(burst >= 1.0 && burst.is_finite()) {
+                    bail!("limits.per_identity_burst must be at least 1");
+                }
+                Some(super::rate_limit::Limit { rate, burst })
+            }
+            Some(_) => bail!("limits.per_identity_rate must be a positive number"),
+        };
         let a = f.authn;
         let audiences = env("TOKEN_AUDIENCES")
             .map(|v| list(&v))
@@ -385,6 +414,7 @@ impl Settings {
                 .unwrap_or_else(|| "Kubernetes".into()),
             trusted_node_accounts,
             audit,
+            rate_limit,
             token_review_cache: dur(
                 "token_review_cache",
                 a.token_review_cache.as_deref().unwrap_or("60s"),

@@ -53,9 +53,22 @@ impl PolicyStore {
         Ok(true)
     }
 
-    /// Watches the file (every second, by modification time and content hash) and SIGHUP.
+    /// Watches the file (every second, by modification time; a reload that finds the same
+    /// content changes nothing) and SIGHUP. Without a policy file, SIGHUP is logged and ignored.
     pub fn watch(self: &Arc<Self>, trust_domain: String) {
         let Some(path) = self.source.clone() else {
+            #[cfg(unix)]
+            if let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!(
+                            "SIGHUP: no policy file to reload (the built-in policy is in force)"
+                        );
+                    }
+                });
+            }
             return;
         };
         let store = self.clone();

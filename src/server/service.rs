@@ -22,6 +22,8 @@ pub struct CaService {
     pub(super) authn: Arc<Authenticators>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) policy: Arc<PolicyStore>,
+    /// Per-identity rate limit.
+    pub(super) rate_limit: Option<super::rate_limit::RateLimiter>,
     /// The audit log; `None` only when auditing is switched off (benchmarks).
     pub(super) audit: Option<Arc<AuditLog>>,
     /// `<ns>/<sa>` of callers allowed to ask for another identity (`CA_TRUSTED_NODE_ACCOUNTS`).
@@ -37,6 +39,8 @@ pub enum RequestError {
     InvalidArgument(String),
     /// Policy refused the request.
     PermissionDenied(String),
+    /// The caller is over its rate limit.
+    ResourceExhausted(String),
     /// The HSM or an authentication backend is unreachable.
     Unavailable(String),
     /// Our bug or an unexpected failure; the detail is logged, never sent.
@@ -49,6 +53,7 @@ impl RequestError {
             RequestError::Unauthenticated(m) => Status::unauthenticated(m),
             RequestError::InvalidArgument(m) => Status::invalid_argument(m),
             RequestError::PermissionDenied(m) => Status::permission_denied(m),
+            RequestError::ResourceExhausted(m) => Status::resource_exhausted(m),
             RequestError::Unavailable(m) => Status::unavailable(m),
             RequestError::Internal(_) => {
                 Status::internal("CSR signing error: the CA failed internally; see its log")
@@ -61,6 +66,7 @@ impl RequestError {
             RequestError::Unauthenticated(_) => "Unauthenticated",
             RequestError::InvalidArgument(_) => "InvalidArgument",
             RequestError::PermissionDenied(_) => "PermissionDenied",
+            RequestError::ResourceExhausted(_) => "ResourceExhausted",
             RequestError::Unavailable(_) => "Unavailable",
             RequestError::Internal(_) => "Internal",
         }
@@ -71,6 +77,7 @@ impl RequestError {
             RequestError::Unauthenticated(m)
             | RequestError::InvalidArgument(m)
             | RequestError::PermissionDenied(m)
+            | RequestError::ResourceExhausted(m)
             | RequestError::Unavailable(m)
             | RequestError::Internal(m) => m,
         }
@@ -244,6 +251,21 @@ impl CaService {
         trail.identities = caller.identities.clone();
         trail.cluster = caller.cluster.clone();
         let with = |e| (Some(caller.clone()), e);
+        if let Some(limiter) = &self.rate_limit {
+            let key = format!(
+                "{}|{}",
+                caller.identities.join(","),
+                caller.cluster.as_deref().unwrap_or("")
+            );
+            if !limiter.allow(&key, Instant::now()) {
+                return Err(with(RequestError::ResourceExhausted(format!(
+                    "rate limit exceeded for {}: at most {} requests/s per identity (bursts of {}); retry later",
+                    caller.identities.join(","),
+                    limiter.limit().rate,
+                    limiter.limit().burst
+                ))));
+            }
+        }
         let impersonate = impersonated_identity(&req).map_err(with)?;
         trail.impersonated = impersonate.clone();
         let impersonated = self.impersonation(&caller, impersonate).map_err(with)?;
@@ -278,13 +300,16 @@ impl CaService {
             .cloned()
             .collect();
         if let Some(audit) = &self.audit {
-            // Boulder's habit: the intent is on disk before the HSM is called.
+            // Boulder's habit: the intent is recorded before the HSM is called. It is queued
+            // ahead of the "signed" record, whose durability the response waits for; a log that
+            // cannot be written stops issuing before anything is signed.
+            if !audit.is_healthy() {
+                return Err(with(RequestError::Unavailable(
+                    "audit log unavailable: the CA issues nothing it cannot record".into(),
+                )));
+            }
             trail.kind = Kind::Signing;
-            audit.append_durable(trail.clone()).await.map_err(|e| {
-                with(RequestError::Unavailable(format!(
-                    "{e}; the CA issues nothing it cannot record"
-                )))
-            })?;
+            audit.append(trail.clone());
         }
         let ca = self.ca.clone();
         let started = Instant::now();

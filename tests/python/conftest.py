@@ -4,6 +4,10 @@ One fake Kubernetes API server (TokenReview) and one `hsmca dev` are started for
 session in temporary directories; two more `hsmca dev` instances (a trusted-node-account one
 and a plaintext one) are started on first use. Every `hsmca dev` is stopped with SIGTERM at the
 end and must exit 0.
+
+Each `hsmca dev` that runs at the same time as another has its own state directory: the audit
+log in DIR/audit is one hash chain, written by one server. At the end of the session the main
+server's log (every request of the session, good and bad) must pass `hsmca audit verify`.
 """
 
 import os
@@ -73,12 +77,15 @@ def dev(workdir, state_dir, kube, client):
     finally:
         rc = server.stop()
     _assert_clean_exit("hsmca dev", server, rc)
+    res = L.hsmca("audit", "verify", os.path.join(state_dir, "audit"))
+    assert res.returncode == 0 and res.stdout.startswith("OK: "), (
+        f"the main server's audit log does not verify: exit {res.returncode}\n{res.stdout}{res.stderr}")
 
 
 @pytest.fixture(scope="session")
-def trusted_dev(workdir, state_dir, kube, dev):
-    """A second `hsmca dev` on the same state dir that trusts istio-system/ztunnel as a node agent."""
-    server = L.DevServer(state_dir, kube.kubeconfig,
+def trusted_dev(workdir, kube, dev):
+    """A second `hsmca dev` (own state dir) that trusts istio-system/ztunnel as a node agent."""
+    server = L.DevServer(str(workdir / "trusted-state"), kube.kubeconfig,
                          env={"CA_TRUSTED_NODE_ACCOUNTS": "istio-system/ztunnel"},
                          log_path=str(workdir / "dev-trusted.log"))
     yield server
@@ -87,9 +94,9 @@ def trusted_dev(workdir, state_dir, kube, dev):
 
 
 @pytest.fixture(scope="session")
-def plaintext_dev(workdir, state_dir, kube, dev):
-    """A `hsmca dev` that also serves plaintext gRPC (--plaintext-listen)."""
-    server = L.DevServer(state_dir, kube.kubeconfig, plaintext=True,
+def plaintext_dev(workdir, kube, dev):
+    """A `hsmca dev` (own state dir) that also serves plaintext gRPC (--plaintext-listen)."""
+    server = L.DevServer(str(workdir / "plaintext-state"), kube.kubeconfig, plaintext=True,
                          log_path=str(workdir / "dev-plaintext.log"))
     yield server
     rc = server.stop()

@@ -87,6 +87,11 @@ _TOKEN_TABLE = {
     "ztunnel": _sa_token("ztunnel", "istio-system", "ztunnel"),
     "cache-fresh": _sa_token("cache-fresh", "foo", "cached"),
     "plaintext": _sa_token("plaintext", "foo", "httpbin"),
+    # Policy and audit tests (test_policy.py, test_audit.py).
+    "kube-system-coredns": _sa_token("kube-system-coredns", "kube-system", "coredns"),
+    "payments-checkout": _sa_token("payments-checkout", "payments", "checkout"),
+    "legacy-app": _sa_token("legacy-app", "legacy", "app"),
+    "bar-web": _sa_token("bar-web", "bar", "web"),
 }
 TOKEN = {name: tok for name, (tok, _) in _TOKEN_TABLE.items()}
 API_SERVER_TOKENS = {tok: entry for tok, entry in _TOKEN_TABLE.values()}
@@ -180,7 +185,8 @@ class FakeKube:
 class DevServer:
     """One `hsmca dev` process on ephemeral ports."""
 
-    def __init__(self, state_dir, kubeconfig, env=None, plaintext=False, log_path=None, startup_timeout=180):
+    def __init__(self, state_dir, kubeconfig, env=None, plaintext=False, log_path=None, startup_timeout=180,
+                 extra_args=()):
         self.state_dir = state_dir
         args = [
             HSMCA, "dev",
@@ -191,6 +197,7 @@ class DevServer:
         ]
         if plaintext:
             args += ["--plaintext-listen", "127.0.0.1:0"]
+        args += list(extra_args)
         full_env = dict(os.environ)
         # Keep the suite hermetic: only what the test asks for.
         for k in ("TOKEN_AUDIENCES", "MAX_WORKLOAD_CERT_TTL", "DEFAULT_WORKLOAD_CERT_TTL",
@@ -323,6 +330,14 @@ def _terminate(pid):
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def hsmca(*args, env=None, timeout=60):
+    """Run the hsmca binary with `args`; returns the CompletedProcess (text, both streams)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([HSMCA, *map(str, args)], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
 
 
 def read(path, mode="r"):
@@ -524,6 +539,55 @@ def pkilint_errors(tmp_path, cert_pem):
                     continue
                 findings.append(f"{fd.get('severity')} {code} at {result.get('node_path')}: {fd.get('message')}")
     return findings
+
+
+_PKILINT_VALIDATOR = None
+
+
+def _pkilint_findings(doc):
+    findings = []
+    for result in doc.get("results", []):
+        for fd in result.get("finding_descriptions", []):
+            code = fd.get("code")
+            if code in PKILINT_IGNORED:
+                continue
+            findings.append(f"{fd.get('severity')} {code} at {result.get('node_path')}: {fd.get('message')}")
+    return findings
+
+
+def pkilint_errors_many(cert_pems):
+    """pkilint_errors for many certificates at once: {index: findings} for those with findings.
+
+    Runs the same validators as `lint_pkix_cert lint -s ERROR -f JSON` (pkilint's own CLI
+    module builds them this way), in this process, so linting hundreds of leaves takes seconds
+    rather than a process start each.
+    """
+    global _PKILINT_VALIDATOR
+    import io
+    from pkilint import loader, report, validation
+    from pkilint.pkix import certificate, extension, name
+
+    if _PKILINT_VALIDATOR is None:
+        _PKILINT_VALIDATOR = certificate.create_pkix_certificate_validator_container(
+            certificate.create_decoding_validators(name.ATTRIBUTE_TYPE_MAPPINGS, extension.EXTENSION_MAPPINGS),
+            [
+                certificate.create_issuer_validator_container([]),
+                certificate.create_validity_validator_container(),
+                certificate.create_subject_validator_container([]),
+                certificate.create_extensions_validator_container([]),
+                certificate.create_spki_validator_container([]),
+            ],
+        )
+    load = loader.RFC5280CertificateDocumentLoader().get_file_loader_func(loader.DocumentFormat.DETECT)
+    bad = {}
+    for i, pem in enumerate(cert_pems):
+        cert = load(io.BytesIO(_b(pem)), f"leaf-{i}.pem")
+        results = _PKILINT_VALIDATOR.validate(cert.root)
+        doc = json.loads(report.ReportGeneratorJson(results, validation.ValidationFindingSeverity.ERROR).generate())
+        findings = _pkilint_findings(doc)
+        if findings:
+            bad[i] = findings
+    return bad
 
 
 def now_utc():

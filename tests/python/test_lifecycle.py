@@ -14,8 +14,8 @@ def _port_open(port):
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_sigterm_exits_zero_and_stops_serving(client, dev, state_dir, kube, workdir):
-    server = L.DevServer(state_dir, kube.kubeconfig, log_path=str(workdir / "dev-sigterm.log"))
+def test_sigterm_exits_zero_and_stops_serving(client, kube, workdir):
+    server = L.DevServer(str(workdir / "sigterm-state"), kube.kubeconfig, log_path=str(workdir / "dev-sigterm.log"))
     try:
         ch = client.channel(server.target, server.root_pem)
         _, csr = L.make_csr()
