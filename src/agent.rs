@@ -103,12 +103,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let socket = cfg.sds_socket.clone();
-    tonic::transport::Server::builder()
+    // On SIGTERM every SDS stream is ended, so the graceful shutdown does not wait for Envoys
+    // that keep their streams open; a last deadline bounds it anyway.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tonic::transport::Server::builder()
         .add_service(SecretDiscoveryServiceServer::new(sds::SdsService::new(
             secrets,
+            stop_rx.clone(),
         )))
-        .serve_with_incoming_shutdown(incoming, crate::server::shutdown_signal())
-        .await?;
+        .serve_with_incoming_shutdown(incoming, async move {
+            crate::server::shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+    let mut stopped = stop_rx;
+    tokio::select! {
+        result = server => result?,
+        _ = async {
+            let _ = stopped.changed().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => tracing::warn!("SDS streams did not close within 5s of the stop signal; exiting"),
+    }
     let _ = std::fs::remove_file(socket);
     tracing::info!("agent stopped");
     Ok(())

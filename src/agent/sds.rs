@@ -34,14 +34,16 @@ pub const ROOTCA: &str = "ROOTCA";
 pub struct SdsService {
     secrets: Secrets,
     version: Arc<AtomicU64>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SdsService {
-    /// Serves `secrets`.
-    pub fn new(secrets: Secrets) -> Self {
+    /// Serves `secrets`; every stream ends when `stopping` turns true.
+    pub fn new(secrets: Secrets, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
         SdsService {
             secrets,
             version: Arc::new(AtomicU64::new(0)),
+            stopping,
         }
     }
 }
@@ -156,6 +158,7 @@ impl SecretDiscoveryService for SdsService {
         let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(16);
         let secrets = self.secrets.clone();
         let version = self.version.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut state = StreamState::default();
             let mut workload = secrets.workload.clone();
@@ -164,6 +167,7 @@ impl SecretDiscoveryService for SdsService {
             roots.mark_unchanged();
             loop {
                 let names: Vec<String> = tokio::select! {
+                    _ = stopping.changed() => break,
                     msg = inbound.message() => {
                         let req = match msg {
                             Ok(Some(r)) => r,
