@@ -16,4 +16,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace
 cargo test --workspace
-python3 -m pytest -q tests/python
+# A longer property-based fuzz run of the untrusted-input parsers (about a minute).
+HSMCA_FUZZ_CASES=20000 cargo test --test fuzz
+python3 -m pytest -q tests/python -p no:cacheprovider
