@@ -228,7 +228,7 @@ fn describe(cert: &x509_cert::Certificate) -> String {
     format!(
         "subject {}, serial {}, valid {} to {}",
         tbs.subject(),
-        hex::encode(tbs.serial_number().as_bytes()),
+        crate::issuance::serial_hex(tbs.serial_number()),
         tbs.validity().not_before,
         tbs.validity().not_after
     )

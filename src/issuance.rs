@@ -22,3 +22,14 @@ pub use tbs::{CertTemplate, IssueError, IssuerInfo, PreparedTbs, issue, prepare,
 pub use workload::{
     CheckedCsr, Issued, MAX_CSR_BYTES, WorkloadCa, WorkloadError, WorkloadSettings, check_csr,
 };
+
+/// A serial number as hex, as OpenSSL and Envoy print it: without the leading zero byte that
+/// DER adds to keep the integer positive.
+pub fn serial_hex(serial: &x509_cert::serial_number::SerialNumber) -> String {
+    let bytes = serial.as_bytes();
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
+    hex::encode(&bytes[start..])
+}

@@ -91,13 +91,7 @@ async fn open_audit(
     let token = settings.token.clone();
     let signing_key = settings.key_label.clone();
     let policy_version = policy_version.to_owned();
-    let serial = hex::encode(
-        ca.files()
-            .ca_cert
-            .tbs_certificate()
-            .serial_number()
-            .as_bytes(),
-    );
+    let serial = crate::issuance::serial_hex(ca.files().ca_cert.tbs_certificate().serial_number());
     tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Arc<crate::audit::AuditLog>>> {
         let token = token.open()?;
         let sealer = HsmSigner::open(token, &a.key_label, &SignerOptions { sessions: 1, allow_insecure_key: false })
@@ -116,6 +110,39 @@ async fn open_audit(
         Ok(Some(Arc::new(log)))
     })
     .await?
+}
+
+/// Signs a probe every two seconds: health turns NOT_SERVING while the HSM cannot sign, and
+/// back to SERVING when it can (the probe also drives the reconnection to a network HSM).
+async fn probe_hsm(ca: Arc<WorkloadCa>, health: tonic_health::server::HealthReporter) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let signer = ca.signer().clone();
+        let ok = tokio::task::spawn_blocking(move || signer.sign(b"hsmca health probe").is_ok())
+            .await
+            .unwrap_or(false);
+        if ok != serving {
+            serving = ok;
+            if ok {
+                tracing::info!("the HSM signs again: serving");
+                health
+                    .set_serving::<IstioCertificateServiceServer<service::CaService>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+            } else {
+                tracing::error!("the HSM cannot sign: health is NOT_SERVING");
+                health
+                    .set_not_serving::<IstioCertificateServiceServer<service::CaService>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    }
 }
 
 /// The policy in force: the file when one is configured, else Istio's behaviour.
@@ -232,6 +259,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<IstioCertificateServiceServer<service::CaService>>()
         .await;
+    tokio::spawn(probe_hsm(ca.clone(), health_reporter.clone()));
     let make_service = || {
         IstioCertificateServiceServer::new(service::CaService {
             ca: ca.clone(),

@@ -70,6 +70,30 @@ impl Module {
         })
     }
 
+    /// Finalises and re-initialises the module, at most once a second: a module that talks to a
+    /// remote HSM (p11-kit's client) reconnects only on `C_Initialize`. Sessions opened before
+    /// are gone afterwards.
+    pub fn reinitialize(&self) {
+        static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let _ = self.pkcs11.clone().finalize();
+        match self
+            .pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) => {
+                tracing::warn!(module = %self.path.display(), "re-initialised the PKCS#11 module")
+            }
+            Err(e) => {
+                tracing::warn!(module = %self.path.display(), error = %e, "re-initialising the PKCS#11 module failed")
+            }
+        }
+    }
+
     /// The module path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -184,7 +208,17 @@ impl Token {
         let session = match self.module.pkcs11.open_rw_session(slot) {
             Ok(s) => s,
             Err(_) => {
-                let slot = self.module.find_token(&self.label)?;
+                // The slot may have changed (token re-inserted), or the module lost its
+                // connection (a network HSM restarted): look the token up again, and if the
+                // module itself fails, re-initialise it once and try again.
+                let slot = match self.module.find_token(&self.label) {
+                    Ok(slot) => slot,
+                    Err(e) if e.is_session_lost() || matches!(e, Error::TokenNotFound(_)) => {
+                        self.module.reinitialize();
+                        self.module.find_token(&self.label)?
+                    }
+                    Err(e) => return Err(e),
+                };
                 *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
                 self.module.pkcs11.open_rw_session(slot)?
             }

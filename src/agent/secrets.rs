@@ -73,12 +73,12 @@ pub fn start(ca: CaClientConfig, settings: SecretSettings) -> Secrets {
             match fetch(&ca, &settings).await {
                 Ok((secret, bundle)) => {
                     backoff = Duration::from_millis(500);
-                    tracing::info!(serial = %secret.serial, identity = %settings.spiffe_id, "workload certificate issued");
                     if let Some(dir) = &settings.output_dir
                         && let Err(e) = write_output(dir, &secret, &bundle)
                     {
                         tracing::error!(dir = %dir.display(), error = %e, "writing the output certificates failed");
                     }
+                    tracing::info!(serial = %secret.serial, identity = %settings.spiffe_id, "workload certificate issued");
                     let delay = rotate_after(&secret, settings.grace_ratio);
                     workload_tx.send_replace(Some(Arc::new(secret)));
                     roots_tx.send_if_modified(|r| {
@@ -137,7 +137,7 @@ async fn fetch(
     let leaf = <x509_cert::Certificate as der::DecodePem>::from_pem(chain[0].as_bytes())
         .map_err(|e| anyhow::anyhow!("the CA returned an unreadable leaf: {e}"))?;
     let not_after = leaf.tbs_certificate().validity().not_after.to_system_time();
-    let serial = hex::encode(leaf.tbs_certificate().serial_number().as_bytes());
+    let serial = crate::issuance::serial_hex(leaf.tbs_certificate().serial_number());
     let mut roots: Vec<String> = vec![normalise(chain.last().expect("at least two"))];
     for extra in &s.extra_roots {
         roots.push(normalise(extra));
@@ -162,28 +162,64 @@ fn normalise(pem: &str) -> String {
     format!("{t}\n")
 }
 
+/// Writes key.pem, cert-chain.pem and root-cert.pem so that a reader never sees a key and a
+/// chain that do not belong together (Kubernetes' atomic-writer layout): the three files go into
+/// a new versioned directory, `..data` is switched to it with one rename, and the file names
+/// are symbolic links through `..data`.
 fn write_output(
     dir: &std::path::Path,
     secret: &WorkloadSecret,
     roots: &str,
 ) -> std::io::Result<()> {
+    use std::os::unix::fs::symlink;
     std::fs::create_dir_all(dir)?;
+    let version = format!("..{}-{:08x}", secret.serial, rand::random::<u32>());
+    let vdir = dir.join(&version);
+    std::fs::create_dir(&vdir)?;
     write_atomic(
-        &dir.join("key.pem"),
+        &vdir.join("key.pem"),
         secret.key_pem.as_bytes(),
         0o600,
-        Overwrite::Replace,
+        Overwrite::Never,
     )?;
     write_atomic(
-        &dir.join("cert-chain.pem"),
+        &vdir.join("cert-chain.pem"),
         secret.chain_pem.as_bytes(),
         0o644,
-        Overwrite::Replace,
+        Overwrite::Never,
     )?;
     write_atomic(
-        &dir.join("root-cert.pem"),
+        &vdir.join("root-cert.pem"),
         roots.as_bytes(),
         0o644,
-        Overwrite::Replace,
-    )
+        Overwrite::Never,
+    )?;
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(&version, &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    for name in ["key.pem", "cert-chain.pem", "root-cert.pem"] {
+        let link = dir.join(name);
+        let is_link = std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            let tmp = dir.join(format!(".{name}.link"));
+            let _ = std::fs::remove_file(&tmp);
+            symlink(format!("..data/{name}"), &tmp)?;
+            std::fs::rename(&tmp, &link)?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    // Older versions are no longer reachable.
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("..")
+            && name != "..data"
+            && name != version.as_str()
+            && entry.path().is_dir()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
 }

@@ -34,7 +34,7 @@ impl LintedTbs {
 
     /// The serial number, hex.
     pub fn serial_hex(&self) -> String {
-        hex::encode(self.prepared.tbs.serial_number().as_bytes())
+        super::serial_hex(self.prepared.tbs.serial_number())
     }
 
     /// notBefore and notAfter.

@@ -184,7 +184,7 @@ impl WorkloadCa {
     pub fn sign(&self, linted: super::LintedTbs) -> Result<Issued, WorkloadError> {
         let certificate = super::issue(linted, self.signer.as_ref())?;
         let tbs = certificate.tbs_certificate();
-        let serial = hex::encode(tbs.serial_number().as_bytes());
+        let serial = super::serial_hex(tbs.serial_number());
         let not_after = tbs.validity().not_after.to_system_time();
         let mut chain = Vec::with_capacity(self.chain_pems.len() + 1);
         chain.push(ca::to_pem(&certificate));
