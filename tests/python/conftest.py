@@ -80,6 +80,21 @@ def dev(workdir, state_dir, kube, client):
     res = L.hsmca("audit", "verify", os.path.join(state_dir, "audit"))
     assert res.returncode == 0 and res.stdout.startswith("OK: "), (
         f"the main server's audit log does not verify: exit {res.returncode}\n{res.stdout}{res.stderr}")
+    # Secrets never reach the logs or the audit log: not the PIN, not a bearer token, not a key.
+    with open(os.path.join(state_dir, "hsm-pin")) as f:
+        pin = f.read().strip()
+    texts = {"stdout": "\n".join(server.out.lines), "stderr": "\n".join(server.err.lines)}
+    audit_dir = os.path.join(state_dir, "audit")
+    for name in os.listdir(audit_dir):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(audit_dir, name)) as f:
+                texts[name] = f.read()
+    assert len(texts["stderr"]) > 1000, "the server logged almost nothing: the secrets check would be empty"
+    for where, text in texts.items():
+        assert pin not in text, f"the PIN appears in {where}"
+        assert "PRIVATE KEY" not in text, f"a private key appears in {where}"
+        for token in L.API_SERVER_TOKENS:
+            assert token not in text, f"a bearer token appears in {where}"
 
 
 @pytest.fixture(scope="session")
