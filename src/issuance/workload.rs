@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use der::{DecodePem, Encode};
+use der::{Decode, Encode};
 use hsmca_hsm::{PublicKey, Signer};
 use x509_cert::Certificate;
 use x509_cert::name::Name;
@@ -208,9 +208,21 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, WorkloadError> {
     if pem.len() > MAX_CSR_BYTES {
         return Err(bad(format!("{} bytes, at most {MAX_CSR_BYTES}", pem.len())));
     }
-    let req = CertReq::from_pem(pem.trim().as_bytes())
+    let (label, der_bytes) = der::pem::decode_vec(pem.trim().as_bytes())
         .map_err(|e| bad(format!("not a PEM-encoded PKCS#10 request: {e}")))?;
-    let info = req.info.to_der().map_err(|e| bad(e.to_string()))?;
+    if label != "CERTIFICATE REQUEST" && label != "NEW CERTIFICATE REQUEST" {
+        return Err(bad(format!(
+            "PEM label {label:?} is not CERTIFICATE REQUEST"
+        )));
+    }
+    // Strict DER: `from_der` refuses trailing bytes, and the signature is checked over the
+    // request info exactly as received, which must be what was parsed.
+    let req = CertReq::from_der(&der_bytes)
+        .map_err(|e| bad(format!("not a DER PKCS#10 request: {e}")))?;
+    let info = signed_info(&der_bytes).ok_or_else(|| bad("malformed request structure".into()))?;
+    if req.info.to_der().map_err(|e| bad(e.to_string()))? != info {
+        return Err(bad("the request info is not in canonical DER".into()));
+    }
     let key_der = req
         .info
         .public_key
@@ -240,6 +252,18 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, WorkloadError> {
         has_common_name,
         sha256: hex::encode(sha2::Sha256::digest(pem.as_bytes())),
     })
+}
+
+/// The bytes of the CertificationRequestInfo (the first element of the outer SEQUENCE), as
+/// received.
+fn signed_info(der_bytes: &[u8]) -> Option<Vec<u8>> {
+    use der::{Decode, Header, Reader, SliceReader};
+    let mut reader = SliceReader::new(der_bytes).ok()?;
+    Header::decode(&mut reader).ok()?;
+    let start: usize = u32::from(reader.position()) as usize;
+    let header = Header::decode(&mut reader).ok()?;
+    let end = u32::from(reader.position()) as usize + u32::from(header.length()) as usize;
+    der_bytes.get(start..end).map(<[u8]>::to_vec)
 }
 
 /// The SANs a CSR asks for in its extensionRequest attribute.
