@@ -602,3 +602,61 @@ def rpc_error(fn, *args, **kwargs):
         return e
     import pytest
     pytest.fail(f"expected an RPC error, got a response: {result!r}"[:2000])
+
+
+# --------------------------------------------------------------------------------------------
+# gRPC health (grpc.health.v1.Health/Check), without grpcio-health-checking: the request and
+# response are built and parsed by hand (HealthCheckRequest{string service = 1},
+# HealthCheckResponse{ServingStatus status = 1}).
+
+HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+CA_SERVICE = "istio.v1.auth.IstioCertificateService"
+
+
+def varint(n):
+    """A protobuf base-128 varint (for hand-encoded wire messages)."""
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def health_status(channel, service="", timeout=2):
+    """grpc.health.v1.Health/Check for `service`: 'SERVING', 'NOT_SERVING', ... (raises grpc.RpcError)."""
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    data = service.encode()
+    req = b"\x0a" + varint(len(data)) + data if data else b""
+    resp = check(req, timeout=timeout)
+    status, i = 0, 0
+    while i < len(resp):  # field 1, varint; anything else is skipped by wire type
+        key = resp[i]
+        i += 1
+        if key & 7 == 0:
+            val, shift = 0, 0
+            while True:
+                b = resp[i]
+                i += 1
+                val |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            if key >> 3 == 1:
+                status = val
+        else:
+            raise ValueError(f"unexpected wire type in HealthCheckResponse: {resp!r}")
+    return HEALTH_STATUS.get(status, str(status))
+
+
+def require_tool(ok, why):
+    """Skip the calling test with `why` when `ok` is false, or fail under HSMCA_REQUIRE_TOOLS=1."""
+    if ok:
+        return
+    import pytest
+    if os.environ.get("HSMCA_REQUIRE_TOOLS"):
+        pytest.fail(f"{why} (HSMCA_REQUIRE_TOOLS is set)")
+    pytest.skip(why)

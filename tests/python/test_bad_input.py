@@ -54,18 +54,7 @@ def test_raw_der_bytes_in_string_field(client, chan, dev):
     string): refused, and the server keeps running."""
     der = x509.load_pem_x509_csr(_valid_csr().encode()).public_bytes(serialization.Encoding.DER)
 
-    def varint(n):
-        out = bytearray()
-        while True:
-            b = n & 0x7F
-            n >>= 7
-            if n:
-                out.append(b | 0x80)
-            else:
-                out.append(b)
-                return bytes(out)
-
-    wire = b"\x0a" + varint(len(der)) + der  # field 1 (csr), length-delimited
+    wire = b"\x0a" + L.varint(len(der)) + der  # field 1 (csr), length-delimited
     call = chan.unary_unary(
         "/istio.v1.auth.IstioCertificateService/CreateCertificate",
         request_serializer=lambda b: b,

@@ -516,20 +516,9 @@ def h(tmp_path_factory, client):
 # Wire-level requests (hand-encoded protobuf)
 
 
-def _varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
 
 def _field_bytes(num, data):
-    return _varint(num << 3 | 2) + _varint(len(data)) + data
+    return L.varint(num << 3 | 2) + L.varint(len(data)) + data
 
 
 def _nested_struct_request(depth):
@@ -866,7 +855,7 @@ ACCEPTED = [
         "impersonatedidentity": L.spiffe("foo", "bar"), "IMPERSONATEDIDENTITY": L.spiffe("foo", "bar")}),
     ok_row("clusterid-empty-means-local", cluster_ids=[""]),
     Ok("grpc-unknown-protobuf-fields-ignored", lambda h: h.client.pb2.IstioCertificateResponse.FromString(
-        h.raw(_field_bytes(1, _good_csr().encode()) + _varint(2 << 3) + _varint(7) + _field_bytes(99, b"junk"))
+        h.raw(_field_bytes(1, _good_csr().encode()) + L.varint(2 << 3) + L.varint(7) + _field_bytes(99, b"junk"))
     ).cert_chain),
     Ok("client-cert-ours-workload-renewal", lambda h: h.create(_good_csr(), channel=h.with_cert("ours-workload"))),
 ]
