@@ -639,8 +639,15 @@ def test_e_output_certs(mesh, tmp_path):
     # ... and is the workload's P-256 key, PKCS#8, unencrypted.
     assert key.startswith("-----BEGIN PRIVATE KEY-----")
     assert serialization.load_pem_private_key(key.encode(), None).key_size == 256
-    # Written atomically: no temporary file left behind.
-    assert sorted(os.listdir(d)) == ["cert-chain.pem", "key.pem", "root-cert.pem"], os.listdir(d)
+    # Written atomically as a set (Kubernetes' atomic-writer layout): the three names are links
+    # through `..data` into one versioned directory, and no temporary file is left behind.
+    entries = os.listdir(d)
+    versions = [e for e in entries if e.startswith("..") and e != "..data"]
+    assert sorted(e for e in entries if not e.startswith("..")) == ["cert-chain.pem", "key.pem", "root-cert.pem"], entries
+    assert len(versions) == 1 and os.readlink(os.path.join(d, "..data")) == versions[0], entries
+    for name in ("key.pem", "cert-chain.pem", "root-cert.pem"):
+        assert os.readlink(os.path.join(d, name)) == f"..data/{name}"
+    assert sorted(os.listdir(os.path.join(d, versions[0]))) == ["cert-chain.pem", "key.pem", "root-cert.pem"]
     # The files follow rotation: they end up holding the latest certificate the agent logged.
     latest = wait_until(lambda: cert(split_pems(read_output_certs(d)[1])[0]).serial_number
                         == mesh.agents["server"].serials()[-1], 5)
