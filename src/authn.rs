@@ -1,10 +1,11 @@
-//! Who is calling: the authenticators, tried in Istio's order (client certificate, then
-//! Kubernetes service-account JWT); the first success wins.
+//! Who is calling: the authenticators, tried in Istio's order (client certificate, then JWT
+//! from a configured OIDC issuer, then Kubernetes service-account JWT); the first success wins.
 //!
 //! An authenticator never trusts anything from the CSR. Its result, a [`Caller`], goes on to
 //! policy and audit.
 
 mod client_cert;
+mod jwt;
 mod kube_jwt;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use sha2::Digest;
 use zeroize::Zeroizing;
 
 pub use client_cert::ClientCertAuthenticator;
+pub use jwt::{JwtAuthenticator, JwtRule};
 pub use kube_jwt::{KubeJwtAuthenticator, KubeJwtSettings};
 
 /// How the caller proved who it is.
@@ -23,6 +25,8 @@ pub enum AuthKind {
     ClientCert,
     /// A Kubernetes service-account token checked with a TokenReview.
     KubeJwt,
+    /// A JWT from a configured OIDC issuer, checked against its JWKS.
+    Jwt,
 }
 
 impl AuthKind {
@@ -31,6 +35,7 @@ impl AuthKind {
         match self {
             AuthKind::ClientCert => "client-cert",
             AuthKind::KubeJwt => "kube-jwt",
+            AuthKind::Jwt => "jwt",
         }
     }
 }
@@ -113,6 +118,7 @@ pub enum Outcome {
 /// The configured authenticators, in Istio's order.
 pub struct Authenticators {
     client_cert: Option<ClientCertAuthenticator>,
+    jwt: Option<JwtAuthenticator>,
     kube_jwt: Option<KubeJwtAuthenticator>,
 }
 
@@ -129,10 +135,12 @@ impl Authenticators {
     /// Builds the chain.
     pub fn new(
         client_cert: Option<ClientCertAuthenticator>,
+        jwt: Option<JwtAuthenticator>,
         kube_jwt: Option<KubeJwtAuthenticator>,
     ) -> Self {
         Authenticators {
             client_cert,
+            jwt,
             kube_jwt,
         }
     }
@@ -142,6 +150,9 @@ impl Authenticators {
         let mut v = Vec::new();
         if self.client_cert.is_some() {
             v.push(AuthKind::ClientCert.name());
+        }
+        if self.jwt.is_some() {
+            v.push(AuthKind::Jwt.name());
         }
         if self.kube_jwt.is_some() {
             v.push(AuthKind::KubeJwt.name());
@@ -157,6 +168,14 @@ impl Authenticators {
             match a.authenticate(creds) {
                 Outcome::Success(c) => return Ok(c),
                 Outcome::Failure(r) => reasons.push(format!("client-cert: {r}")),
+                Outcome::Unavailable(r) => unavailable = Some(r),
+                Outcome::NotApplicable => {}
+            }
+        }
+        if let Some(a) = &self.jwt {
+            match a.authenticate(creds) {
+                Outcome::Success(c) => return Ok(c),
+                Outcome::Failure(r) => reasons.push(format!("jwt: {r}")),
                 Outcome::Unavailable(r) => unavailable = Some(r),
                 Outcome::NotApplicable => {}
             }

@@ -209,6 +209,15 @@ pub struct DevArgs {
     /// Per-identity rate limit, requests per second (default: none).
     #[arg(long)]
     rate_limit: Option<f64>,
+    /// Accept JWTs from this OIDC issuer (for workloads outside Kubernetes), with --jwt-jwks.
+    #[arg(long, requires = "jwt_jwks")]
+    jwt_issuer: Option<String>,
+    /// The issuer's JWKS file.
+    #[arg(long, requires = "jwt_issuer")]
+    jwt_jwks: Option<PathBuf>,
+    /// Audiences accepted from that issuer.
+    #[arg(long, default_value = "istio-ca")]
+    jwt_audience: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +439,14 @@ fn dev(args: DevArgs) -> anyhow::Result<i32> {
         authn: crate::server::config::AuthnSection {
             kube_jwt: kubeconfig.is_some(),
             kubeconfig,
+            jwt: match (args.jwt_issuer, args.jwt_jwks) {
+                (Some(issuer), Some(jwks)) => vec![crate::server::config::JwtSection {
+                    issuer,
+                    audiences: args.jwt_audience,
+                    jwks_file: std::path::absolute(&jwks).unwrap_or(jwks),
+                }],
+                _ => Vec::new(),
+            },
             ..Default::default()
         },
         limits: crate::server::config::LimitsSection {

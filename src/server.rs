@@ -19,7 +19,8 @@ use hsmca_proto::IstioCertificateServiceServer;
 use tokio::net::TcpListener;
 
 use crate::authn::{
-    Authenticators, ClientCertAuthenticator, KubeJwtAuthenticator, KubeJwtSettings,
+    Authenticators, ClientCertAuthenticator, JwtAuthenticator, KubeJwtAuthenticator,
+    KubeJwtSettings,
 };
 use crate::ca::CaFiles;
 use crate::issuance::{WorkloadCa, WorkloadSettings};
@@ -225,10 +226,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             }))
         }
     };
+    let jwt = if settings.jwt_rules.is_empty() {
+        None
+    } else {
+        Some(JwtAuthenticator::new(
+            settings.jwt_rules.clone(),
+            &settings.trust_domain,
+        )?)
+    };
     let authn = Arc::new(Authenticators::new(
         settings
             .client_cert
             .then(|| ClientCertAuthenticator::new(&settings.trust_domain)),
+        jwt,
         kube,
     ));
 

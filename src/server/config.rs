@@ -140,6 +140,21 @@ pub struct AuthnSection {
     pub trusted_node_accounts: Option<Vec<String>>,
     /// Longest reuse of a positive TokenReview (default `60s`).
     pub token_review_cache: Option<String>,
+    /// OIDC issuers for workloads outside Kubernetes (Istio's `JWT_RULE`).
+    #[serde(default)]
+    pub jwt: Vec<JwtSection>,
+}
+
+/// `[[authn.jwt]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    /// The `iss` of accepted tokens.
+    pub issuer: String,
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// The issuer's JWKS (JSON), re-read when it changes.
+    pub jwks_file: PathBuf,
 }
 
 fn yes() -> bool {
@@ -157,6 +172,7 @@ impl Default for AuthnSection {
             clusters: BTreeMap::new(),
             trusted_node_accounts: None,
             token_review_cache: None,
+            jwt: Vec::new(),
         }
     }
 }
@@ -215,6 +231,8 @@ pub struct Settings {
     pub cluster_id: String,
     /// Trusted node accounts.
     pub trusted_node_accounts: Vec<String>,
+    /// OIDC issuers.
+    pub jwt_rules: Vec<crate::authn::JwtRule>,
     /// TokenReview cache limit.
     pub token_review_cache: Duration,
     /// The audit log (`None`: off).
@@ -366,8 +384,19 @@ impl Settings {
             Some(p) => KubeSource::File(base.join(p)),
             None => KubeSource::Infer,
         });
-        if !a.client_cert && kube.is_none() {
-            bail!("authn: enable at least one of client_cert and kube_jwt");
+        let mut jwt_rules = Vec::new();
+        for j in &a.jwt {
+            if j.issuer.is_empty() || j.audiences.is_empty() {
+                bail!("authn.jwt: issuer and at least one audience are required");
+            }
+            jwt_rules.push(crate::authn::JwtRule {
+                issuer: j.issuer.clone(),
+                audiences: j.audiences.clone(),
+                jwks_file: base.join(&j.jwks_file),
+            });
+        }
+        if !a.client_cert && kube.is_none() && jwt_rules.is_empty() {
+            bail!("authn: enable at least one of client_cert, kube_jwt and jwt");
         }
         Ok(Settings {
             listen: addr("listen", f.listen.as_deref().unwrap_or("0.0.0.0:15012"))?,
@@ -413,6 +442,7 @@ impl Settings {
                 .or(a.cluster_id)
                 .unwrap_or_else(|| "Kubernetes".into()),
             trusted_node_accounts,
+            jwt_rules,
             audit,
             rate_limit,
             token_review_cache: dur(
