@@ -27,8 +27,8 @@ pub struct Metrics {
     pub success_cert_issuance_count: AtomicU64,
     /// Signing failures (HSM, lint, post-check).
     pub csr_sign_err_count: AtomicU64,
-    /// Requests refused for their lifetime.
-    pub ttl_err_count: AtomicU64,
+    /// Requests refused for a lifetime or key type outside the policy defaults.
+    pub out_of_bounds_count: AtomicU64,
     /// HSM errors.
     pub hsm_error_count: AtomicU64,
     /// Root notAfter, Unix seconds.
@@ -84,9 +84,9 @@ impl Metrics {
                 &self.csr_sign_err_count,
             ),
             (
-                "hsmca_ttl_err_count",
-                "Requests refused for their requested lifetime.",
-                &self.ttl_err_count,
+                "hsmca_out_of_bounds_request_count",
+                "Requests refused for a lifetime or key type outside the policy defaults.",
+                &self.out_of_bounds_count,
             ),
             (
                 "hsmca_hsm_error_count",
