@@ -14,6 +14,10 @@ export HSMCA_REQUIRE_TOOLS=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Licenses, banned crates and sources of every dependency (advisories need the RustSec
+# database from GitHub, which these machines cannot reach).
+command -v cargo-deny >/dev/null || cargo install cargo-deny --locked --quiet
+cargo deny --offline check licenses bans sources
 cargo build --workspace
 cargo test --workspace
 # A longer property-based fuzz run of the untrusted-input parsers (about a minute).
