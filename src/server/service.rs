@@ -222,7 +222,9 @@ impl CaService {
                 let message = format!("denied by {}: {}", d.rule, d.reason);
                 match d.kind {
                     hsmca_policy::DenyKind::InvalidRequest => {
-                        self.metrics.out_of_bounds_count.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .out_of_bounds_count
+                            .fetch_add(1, Ordering::Relaxed);
                         Err(RequestError::InvalidArgument(message))
                     }
                     _ => Err(RequestError::PermissionDenied(message)),
