@@ -1,5 +1,7 @@
 //! Production key ceremonies, each driven by one TOML file (as Boulder's ceremony tool):
-//! `root`, `intermediate`, `csr` and `import`. Each prints what it did.
+//! `root`, `intermediate`, `csr` and `import`. Each prints what it did and, with an `[audit]`
+//! table, records every action in an audit log sealed by an audit key in the ceremony's token
+//! (see [`CeremonyLog`]).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -9,189 +11,37 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use der::EncodePem;
 use der::pem::LineEnding;
-use hsmca_hsm::{HsmSigner, KeyAlgorithm, PinSource, Signer, SignerOptions, Token, TokenConfig};
+use hsmca_hsm::{
+    HsmSigner, KeyAlgorithm, KeyInfo, PinSource, PublicKey, Signer, SignerOptions, Token,
+    TokenConfig,
+};
 use serde::Deserialize;
 use x509_cert::name::Name;
 
+use crate::audit::{AuditLog, AuditOptions, Kind, Record, sha256_hex};
 use crate::ca::{self, CaFiles};
 use crate::files::{Overwrite, write_atomic};
 
-/// A token as a ceremony file names it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HsmConfig {
-    /// PKCS#11 module path; defaults to the system SoftHSM2.
-    pub module: Option<PathBuf>,
-    /// Token label.
-    pub token_label: String,
-    /// File holding the user PIN (mode 0600).
-    pub pin_file: Option<PathBuf>,
-    /// Environment variable holding the user PIN.
-    pub pin_env: Option<String>,
+mod config;
+mod log;
+
+pub use config::*;
+pub(crate) use log::CeremonyLog;
+use log::{check_audit_label, open_log};
+
+/// What a key generation did, for the terminal and the audit log.
+fn generated_text(token: &Token, algorithm: KeyAlgorithm, info: &KeyInfo) -> String {
+    format!(
+        "generated {algorithm} key {:?} (CKA_ID {}) in token {:?}",
+        info.label,
+        hex::encode(&info.id),
+        token.label()
+    )
 }
 
-impl HsmConfig {
-    fn token_config(&self, base: &Path) -> anyhow::Result<TokenConfig> {
-        let pin = match (&self.pin_file, &self.pin_env) {
-            (Some(f), None) => PinSource::File(base.join(f)),
-            (None, Some(v)) => PinSource::Env(v.clone()),
-            _ => bail!("hsm: set exactly one of pin_file and pin_env"),
-        };
-        let module = match &self.module {
-            Some(m) => base.join(m),
-            None => crate::softhsm::module_path()?,
-        };
-        Ok(TokenConfig {
-            module,
-            label: self.token_label.clone(),
-            pin,
-        })
-    }
-
-    fn open(&self, base: &Path) -> anyhow::Result<Arc<Token>> {
-        let cfg = self.token_config(base)?;
-        cfg.open()
-            .with_context(|| format!("opening token {:?} in {}", cfg.label, cfg.module.display()))
-    }
-}
-
-/// A key in a ceremony file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    /// Key label (CKA_LABEL).
-    pub label: String,
-    /// Algorithm: `ecdsa-p256`, `ecdsa-p384`, `rsa-2048`, `rsa-3072`, `rsa-4096`.
-    pub algorithm: Option<String>,
-    /// Generate the key (refused if the label exists); otherwise use the existing key.
-    #[serde(default)]
-    pub generate: bool,
-}
-
-/// The certificate a ceremony makes.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertConfig {
-    /// Subject, RFC 4514 (`CN=Example Root CA,O=Example`).
-    pub subject: String,
-    /// Lifetime, e.g. `3650d`.
-    pub validity: String,
-}
-
-/// `hsmca ceremony root`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RootCeremony {
-    /// The token of the root key.
-    pub hsm: HsmConfig,
-    /// The root key.
-    pub key: KeyConfig,
-    /// The root certificate.
-    pub certificate: CertConfig,
-    /// Where to write the root certificate (PEM).
-    pub output: OutputCert,
-}
-
-/// Where a certificate goes.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputCert {
-    /// The certificate file (PEM), never overwritten.
-    pub certificate: PathBuf,
-}
-
-/// `hsmca ceremony intermediate`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IntermediateCeremony {
-    /// The issuing (root) side.
-    pub issuer: IssuerConfig,
-    /// The token of the intermediate key (may be the same token as the root's).
-    pub hsm: HsmConfig,
-    /// The intermediate key.
-    pub key: KeyConfig,
-    /// The intermediate certificate.
-    pub certificate: CertConfig,
-    /// Directory for `root-cert.pem`, `ca-cert.pem` and `cert-chain.pem`.
-    pub output: OutputDir,
-}
-
-/// The issuer of an intermediate: its token, key and certificate.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerConfig {
-    /// The issuer's token.
-    pub hsm: HsmConfig,
-    /// The issuer's key label.
-    pub key_label: String,
-    /// The issuer's certificate (PEM).
-    pub certificate: PathBuf,
-}
-
-/// An output directory in Istio's plugged-in layout.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputDir {
-    /// The directory.
-    pub dir: PathBuf,
-}
-
-/// `hsmca ceremony csr`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CsrCeremony {
-    /// The token.
-    pub hsm: HsmConfig,
-    /// The key the CSR is for.
-    pub key: KeyConfig,
-    /// The CSR subject.
-    pub csr: CsrConfig,
-}
-
-/// A CSR to make.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CsrConfig {
-    /// Subject, RFC 4514.
-    pub subject: String,
-    /// Where to write the CSR (PEM).
-    pub output: PathBuf,
-}
-
-/// `hsmca ceremony import`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportCeremony {
-    /// The token holding the key the certificate was issued for.
-    pub hsm: HsmConfig,
-    /// The key label.
-    pub key_label: String,
-    /// The signed certificate (PEM).
-    pub certificate: PathBuf,
-    /// Its issuers up to and including the root (PEM, issuer first, root last).
-    pub chain: PathBuf,
-    /// Directory for `root-cert.pem`, `ca-cert.pem` and `cert-chain.pem`.
-    pub output: OutputDir,
-}
-
-fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<(T, PathBuf)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cfg = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok((cfg, base))
-}
-
-fn subject(s: &str) -> anyhow::Result<Name> {
-    Name::from_str(s).map_err(|e| anyhow::anyhow!("certificate.subject {s:?}: {e}"))
-}
-
-fn validity(s: &str) -> anyhow::Result<Duration> {
-    hsmca_policy::parse_duration(s).map_err(|e| anyhow::anyhow!("certificate.validity: {e}"))
-}
-
-/// Generates the key when asked, with progress on a terminal for slow algorithms.
-fn key_for(token: &Arc<Token>, key: &KeyConfig) -> anyhow::Result<()> {
+/// Generates the key when asked, with progress on a terminal for slow algorithms, and
+/// records it.
+fn key_for(token: &Arc<Token>, key: &KeyConfig, log: &CeremonyLog) -> anyhow::Result<()> {
     if !key.generate {
         return Ok(());
     }
@@ -206,13 +56,10 @@ fn key_for(token: &Arc<Token>, key: &KeyConfig) -> anyhow::Result<()> {
         || token.generate_key(&key.label, algorithm),
     )?;
     println!(
-        "generated {} key {:?} (CKA_ID {}) in token {:?}: sensitive, never extractable",
-        algorithm,
-        info.label,
-        hex::encode(&info.id),
-        token.label()
+        "{}: sensitive, never extractable",
+        generated_text(token, algorithm, &info)
     );
-    Ok(())
+    log.key_generated(token, algorithm, &info)
 }
 
 fn signer(token: Arc<Token>, label: &str) -> anyhow::Result<HsmSigner> {
@@ -244,35 +91,15 @@ fn create_parent(out: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a root ceremony.
-pub fn root(config: &Path) -> anyhow::Result<()> {
-    let (c, base): (RootCeremony, _) = load(config)?;
-    let out = base.join(&c.output.certificate);
-    if out.exists() {
-        bail!("{} already exists; refusing to overwrite it", out.display());
-    }
-    let subject = subject(&c.certificate.subject)?;
-    let lifetime = validity(&c.certificate.validity)?;
-    create_parent(&out)?;
-    let token = c.hsm.open(&base)?;
-    key_for(&token, &c.key)?;
-    let signer = signer(token, &c.key.label)?;
-    let root = ca::make_root(&signer, subject, lifetime)?;
-    write_atomic(&out, ca::to_pem(&root).as_bytes(), 0o644, Overwrite::Never)
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!("root certificate: {}", describe(&root));
-    println!("wrote {}", out.display());
-    Ok(())
+fn rfc3339(t: x509_cert::time::Time) -> String {
+    jiff::Timestamp::try_from(t.to_system_time())
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
-/// Runs an intermediate ceremony.
-pub fn intermediate(config: &Path) -> anyhow::Result<()> {
-    let (c, base): (IntermediateCeremony, _) = load(config)?;
-    let out = base.join(&c.output.dir);
-    let subject = subject(&c.certificate.subject)?;
-    let lifetime = validity(&c.certificate.validity)?;
-    let issuer_chain = ca::read_pem_certs(&base.join(&c.issuer.certificate))?;
-    let issuer_cert = issuer_chain[0].clone();
+/// Fails when any of the three CA files exists in `out`: checked before anything happens, so
+/// that a ceremony that could not write its result neither starts nor is recorded.
+fn refuse_existing_ca_files(out: &Path) -> anyhow::Result<()> {
     for name in [CaFiles::ROOT, CaFiles::CA, CaFiles::CHAIN] {
         if out.join(name).exists() {
             bail!(
@@ -281,60 +108,160 @@ pub fn intermediate(config: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    let issuer_token = c.issuer.hsm.open(&base)?;
-    let issuer_signer = signer(issuer_token, &c.issuer.key_label)?;
-    if issuer_signer.public_key() != &ca::cert_public_key(&issuer_cert)? {
-        bail!(
-            "issuer key {:?} is not the key of {}",
-            c.issuer.key_label,
-            c.issuer.certificate.display()
-        );
-    }
-    let token = c.hsm.open(&base)?;
-    key_for(&token, &c.key)?;
-    let key = token.public_key(&c.key.label)?;
-    // The new key must be a protected CA key that signs.
-    signer(token, &c.key.label)?;
-    let cert = ca::make_intermediate(&issuer_signer, &issuer_cert, key, subject, lifetime)?;
-    let files = CaFiles {
-        ca_cert: cert,
-        chain_above: issuer_chain,
-    };
-    ca::verify_chain(&files.full_chain(), SystemTime::now())?;
-    std::fs::create_dir_all(&out)?;
-    files.write(&out)?;
-    println!("intermediate certificate: {}", describe(&files.ca_cert));
-    println!(
-        "wrote {}/{{root-cert.pem,ca-cert.pem,cert-chain.pem}}",
-        out.display()
-    );
     Ok(())
+}
+
+/// Runs a root ceremony.
+pub fn root(config: &Path) -> anyhow::Result<()> {
+    let (c, base, digest): (RootCeremony, _, _) = load(config)?;
+    let out = base.join(&c.output.certificate);
+    if out.exists() {
+        bail!("{} already exists; refusing to overwrite it", out.display());
+    }
+    let subject = subject(&c.certificate.subject)?;
+    let lifetime = validity(&c.certificate.validity)?;
+    check_audit_label(c.audit.as_ref(), &[&c.key.label])?;
+    create_parent(&out)?;
+    let token = c.hsm.open(&base)?;
+    let log = open_log(c.audit.as_ref(), &base, &token, "root", config, &digest)?;
+    let result = (|| {
+        key_for(&token, &c.key, &log)?;
+        let signer = signer(token.clone(), &c.key.label)?;
+        let root = ca::make_root(&signer, subject, lifetime)?;
+        log.certificate(
+            format!(
+                "signed root certificate {:?} with key {:?} in token {:?}, for {}",
+                root.tbs_certificate().subject().to_string(),
+                c.key.label,
+                token.label(),
+                out.display()
+            ),
+            &root,
+        )?;
+        write_atomic(&out, ca::to_pem(&root).as_bytes(), 0o644, Overwrite::Never)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("root certificate: {}", describe(&root));
+        println!("wrote {}", out.display());
+        Ok(())
+    })();
+    log.finish(result)
+}
+
+/// Runs an intermediate ceremony. Its audit key is in the token of the new key (`[hsm]`).
+pub fn intermediate(config: &Path) -> anyhow::Result<()> {
+    let (c, base, digest): (IntermediateCeremony, _, _) = load(config)?;
+    let out = base.join(&c.output.dir);
+    let subject = subject(&c.certificate.subject)?;
+    let lifetime = validity(&c.certificate.validity)?;
+    let issuer_chain = ca::read_pem_certs(&base.join(&c.issuer.certificate))?;
+    let issuer_cert = issuer_chain[0].clone();
+    refuse_existing_ca_files(&out)?;
+    let mut ca_keys = vec![c.key.label.as_str()];
+    if c.issuer.hsm.token_label == c.hsm.token_label {
+        ca_keys.push(&c.issuer.key_label);
+    }
+    check_audit_label(c.audit.as_ref(), &ca_keys)?;
+    let token = c.hsm.open(&base)?;
+    let log = open_log(
+        c.audit.as_ref(),
+        &base,
+        &token,
+        "intermediate",
+        config,
+        &digest,
+    )?;
+    let result = (|| {
+        let issuer_token = c.issuer.hsm.open(&base)?;
+        let issuer_label = issuer_token.label().to_owned();
+        let issuer_signer = signer(issuer_token, &c.issuer.key_label)?;
+        if issuer_signer.public_key() != &ca::cert_public_key(&issuer_cert)? {
+            bail!(
+                "issuer key {:?} is not the key of {}",
+                c.issuer.key_label,
+                c.issuer.certificate.display()
+            );
+        }
+        key_for(&token, &c.key, &log)?;
+        let key = token.public_key(&c.key.label)?;
+        // The new key must be a protected CA key that signs.
+        signer(token.clone(), &c.key.label)?;
+        let cert = ca::make_intermediate(&issuer_signer, &issuer_cert, key, subject, lifetime)?;
+        let files = CaFiles {
+            ca_cert: cert,
+            chain_above: issuer_chain,
+        };
+        ca::verify_chain(&files.full_chain(), SystemTime::now())?;
+        log.certificate(
+            format!(
+                "signed intermediate certificate {:?} for key {:?} in token {:?} with issuer \
+                 key {:?} in token {:?} ({}), for {}",
+                files.ca_cert.tbs_certificate().subject().to_string(),
+                c.key.label,
+                token.label(),
+                c.issuer.key_label,
+                issuer_label,
+                issuer_cert.tbs_certificate().subject(),
+                out.display()
+            ),
+            &files.ca_cert,
+        )?;
+        std::fs::create_dir_all(&out)?;
+        files.write(&out)?;
+        println!("intermediate certificate: {}", describe(&files.ca_cert));
+        println!(
+            "wrote {}/{{root-cert.pem,ca-cert.pem,cert-chain.pem}}",
+            out.display()
+        );
+        Ok(())
+    })();
+    log.finish(result)
 }
 
 /// Runs a CSR ceremony.
 pub fn csr(config: &Path) -> anyhow::Result<()> {
-    let (c, base): (CsrCeremony, _) = load(config)?;
+    let (c, base, digest): (CsrCeremony, _, _) = load(config)?;
     let out = base.join(&c.csr.output);
     if out.exists() {
         bail!("{} already exists; refusing to overwrite it", out.display());
     }
     let subject = subject(&c.csr.subject)?;
+    check_audit_label(c.audit.as_ref(), &[&c.key.label])?;
     create_parent(&out)?;
     let token = c.hsm.open(&base)?;
-    key_for(&token, &c.key)?;
-    let signer = signer(token, &c.key.label)?;
-    let req = ca::make_csr(&signer, subject)?;
-    let pem = req.to_pem(LineEnding::LF)?;
-    write_atomic(&out, pem.as_bytes(), 0o644, Overwrite::Never)
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!(
-        "CSR for key {:?} ({}), subject {}",
-        c.key.label,
-        signer.public_key().type_name(),
-        req.info.subject
-    );
-    println!("wrote {}", out.display());
-    Ok(())
+    let log = open_log(c.audit.as_ref(), &base, &token, "csr", config, &digest)?;
+    let result = (|| {
+        key_for(&token, &c.key, &log)?;
+        let signer = signer(token.clone(), &c.key.label)?;
+        let req = ca::make_csr(&signer, subject)?;
+        let der = der::Encode::to_der(&req)?;
+        log.record(
+            format!(
+                "made a CSR for key {:?} ({}) in token {:?}, subject {:?}, for {}",
+                c.key.label,
+                signer.public_key().type_name(),
+                token.label(),
+                req.info.subject.to_string(),
+                out.display()
+            ),
+            Record {
+                csr_sha256: Some(sha256_hex(&der)),
+                identities: vec![req.info.subject.to_string()],
+                ..Default::default()
+            },
+        )?;
+        let pem = req.to_pem(LineEnding::LF)?;
+        write_atomic(&out, pem.as_bytes(), 0o644, Overwrite::Never)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!(
+            "CSR for key {:?} ({}), subject {}",
+            c.key.label,
+            signer.public_key().type_name(),
+            req.info.subject
+        );
+        println!("wrote {}", out.display());
+        Ok(())
+    })();
+    log.finish(result)
 }
 
 /// Refuses a certificate that may not issue certificates: basicConstraints must say cA and
@@ -363,38 +290,59 @@ fn require_ca(cert: &x509_cert::Certificate, file: &Path) -> anyhow::Result<()> 
 /// Runs an import ceremony: the signed certificate must certify the token key, be a CA
 /// certificate, and chain to a self-signed root.
 pub fn import(config: &Path) -> anyhow::Result<()> {
-    let (c, base): (ImportCeremony, _) = load(config)?;
+    let (c, base, digest): (ImportCeremony, _, _) = load(config)?;
     let out = base.join(&c.output.dir);
     let cert = ca::read_pem_certs(&base.join(&c.certificate))?.remove(0);
     let chain = ca::read_pem_certs(&base.join(&c.chain))?;
+    refuse_existing_ca_files(&out)?;
+    check_audit_label(c.audit.as_ref(), &[&c.key_label])?;
     let token = c.hsm.open(&base)?;
-    let signer = signer(token, &c.key_label)?;
-    if signer.public_key() != &ca::cert_public_key(&cert)? {
-        bail!(
-            "{} does not certify token key {:?}: its public key differs",
-            c.certificate.display(),
-            c.key_label
+    let log = open_log(c.audit.as_ref(), &base, &token, "import", config, &digest)?;
+    let result = (|| {
+        let signer = signer(token.clone(), &c.key_label)?;
+        if signer.public_key() != &ca::cert_public_key(&cert)? {
+            bail!(
+                "{} does not certify token key {:?}: its public key differs",
+                c.certificate.display(),
+                c.key_label
+            );
+        }
+        require_ca(&cert, &c.certificate)?;
+        for issuer in &chain {
+            require_ca(issuer, &c.chain)?;
+        }
+        let files = CaFiles {
+            ca_cert: cert,
+            chain_above: chain,
+        };
+        ca::verify_chain(&files.full_chain(), SystemTime::now())?;
+        let root_der = der::Encode::to_der(files.root())?;
+        log.certificate(
+            format!(
+                "imported certificate {:?} for key {:?} in token {:?}, issued by {:?}; chain \
+                 verifies to root {:?} (SHA-256 {}), for {}",
+                files.ca_cert.tbs_certificate().subject().to_string(),
+                c.key_label,
+                token.label(),
+                files.ca_cert.tbs_certificate().issuer().to_string(),
+                files.root().tbs_certificate().subject().to_string(),
+                sha256_hex(&root_der),
+                out.display()
+            ),
+            &files.ca_cert,
+        )?;
+        std::fs::create_dir_all(&out)?;
+        files.write(&out)?;
+        println!("imported certificate: {}", describe(&files.ca_cert));
+        println!(
+            "chain verifies to root {}",
+            files.root().tbs_certificate().subject()
         );
-    }
-    require_ca(&cert, &c.certificate)?;
-    for issuer in &chain {
-        require_ca(issuer, &c.chain)?;
-    }
-    let files = CaFiles {
-        ca_cert: cert,
-        chain_above: chain,
-    };
-    ca::verify_chain(&files.full_chain(), SystemTime::now())?;
-    std::fs::create_dir_all(&out)?;
-    files.write(&out)?;
-    println!("imported certificate: {}", describe(&files.ca_cert));
-    println!(
-        "chain verifies to root {}",
-        files.root().tbs_certificate().subject()
-    );
-    println!(
-        "wrote {}/{{root-cert.pem,ca-cert.pem,cert-chain.pem}}",
-        out.display()
-    );
-    Ok(())
+        println!(
+            "wrote {}/{{root-cert.pem,ca-cert.pem,cert-chain.pem}}",
+            out.display()
+        );
+        Ok(())
+    })();
+    log.finish(result)
 }

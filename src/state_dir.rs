@@ -6,11 +6,14 @@
 //! DIR/tokens/         the token
 //! DIR/hsm-pin         the user PIN, mode 0600
 //! DIR/root-cert.pem   DIR/ca-cert.pem   DIR/cert-chain.pem
+//! DIR/audit-key.pem   the audit public key
+//! DIR/audit/          the audit log: init's key ceremony, then what `hsmca dev` decides
 //! ```
 //!
 //! `init` builds everything in `DIR/.init-staging` and moves it into place only when all of it
 //! succeeded; `cert-chain.pem` is moved last, so a crash leaves either nothing or the staging
-//! directory, which the next `init` discards.
+//! directory, which the next `init` discards. State directories made by earlier versions have
+//! no `audit-key.pem` and no `audit/`: `hsmca dev` creates them.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -22,6 +25,7 @@ use rand::RngExt;
 use x509_cert::name::Name;
 
 use crate::ca::{self, CaFiles};
+use crate::ceremony::CeremonyLog;
 use crate::files::Overwrite;
 use crate::softhsm;
 
@@ -35,6 +39,8 @@ pub const INTERMEDIATE_KEY: &str = "hsmca-intermediate";
 pub const AUDIT_KEY: &str = "hsmca-audit";
 /// The audit public key, next to the root.
 pub const AUDIT_KEY_PEM: &str = "audit-key.pem";
+/// The audit log directory.
+pub const AUDIT_DIR: &str = "audit";
 /// Root lifetime: 10 years.
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
 /// Intermediate lifetime: 3 years (never beyond the root's).
@@ -81,7 +87,7 @@ impl StateDir {
     }
     /// `DIR/audit`.
     pub fn audit_dir(&self) -> PathBuf {
-        self.root.join("audit")
+        self.root.join(AUDIT_DIR)
     }
 
     /// Creates the audit key and `DIR/audit-key.pem` when a state directory made by an
@@ -113,6 +119,15 @@ impl StateDir {
             self.root.join(CaFiles::CA),
             self.root.join(CaFiles::CHAIN),
         ]
+    }
+
+    /// What `init` would create: the members, and the audit public key and log, which an
+    /// initialised directory may lack (made by an earlier version) but which `init` must never
+    /// replace (a rename over them would silently discard someone's key or log).
+    fn created_by_init(&self) -> Vec<PathBuf> {
+        let mut all = self.members();
+        all.extend([self.root.join(AUDIT_KEY_PEM), self.audit_dir()]);
+        all
     }
 
     /// True when every file of an initialised state directory is present.
@@ -158,7 +173,11 @@ impl StateDir {
         if self.is_initialised() {
             return Ok(InitOutcome::AlreadyInitialised);
         }
-        let present: Vec<_> = self.members().into_iter().filter(|p| p.exists()).collect();
+        let present: Vec<_> = self
+            .created_by_init()
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
         if !present.is_empty() {
             bail!(
                 "{} holds part of an hsmca state ({}) but not all of it; refusing to touch it. \
@@ -208,11 +227,18 @@ impl StateDir {
         if code != 0 {
             bail!("creating the token and CA failed (see above); nothing was changed");
         }
-        // Commit: the token, its configuration and PIN, then the CA files, cert-chain.pem last.
+        // Commit: the token, its configuration and PIN, the audit key and log, then the CA
+        // files, cert-chain.pem last.
         std::fs::rename(stage.join("tokens"), self.token_dir())?;
         softhsm::write_config(&self.conf(), &self.token_dir(), Overwrite::Never)?;
         std::fs::rename(stage.join("hsm-pin"), self.pin_file())?;
-        for name in [AUDIT_KEY_PEM, CaFiles::ROOT, CaFiles::CA, CaFiles::CHAIN] {
+        for name in [
+            AUDIT_KEY_PEM,
+            AUDIT_DIR,
+            CaFiles::ROOT,
+            CaFiles::CA,
+            CaFiles::CHAIN,
+        ] {
             std::fs::rename(stage.join(name), self.root.join(name))?;
         }
         std::fs::File::open(&self.root)?.sync_all()?;
@@ -237,41 +263,74 @@ fn random_pin() -> String {
         .collect()
 }
 
-/// In the child: make the token, both keys and both certificates inside `stage`.
+/// In the child: make the token, the three keys and both certificates inside `stage`, each
+/// action recorded in the audit log `stage/audit`, sealed by the audit key (made first, so
+/// that it can record the others as they happen).
 fn create_token_and_ca(stage: &Path, trust_domain: &str) -> anyhow::Result<()> {
     let module = Module::load(&softhsm::module_path()?)?;
     let pin = PinSource::File(stage.join("hsm-pin")).read()?;
     let so_pin = Pin::new(random_pin());
     module.init_token(TOKEN_LABEL, &so_pin, &pin)?;
     let token = module.open_token(TOKEN_LABEL, pin)?;
-    token.generate_key(ROOT_KEY, KeyAlgorithm::EcdsaP256)?;
-    token.generate_key(INTERMEDIATE_KEY, KeyAlgorithm::EcdsaP256)?;
-    token.generate_key(AUDIT_KEY, KeyAlgorithm::EcdsaP256)?;
+    let algorithm = KeyAlgorithm::EcdsaP256;
+    let audit_key = token.generate_key(AUDIT_KEY, algorithm)?;
     write_public_key_pem(&stage.join(AUDIT_KEY_PEM), &token.public_key(AUDIT_KEY)?)?;
     let options = SignerOptions {
         sessions: 1,
         allow_insecure_key: false,
     };
-    let root_signer = HsmSigner::open(token.clone(), ROOT_KEY, &options)?;
-    let intermediate_key = token.public_key(INTERMEDIATE_KEY)?;
-    let root_subject = Name::from_str(&format!("O={trust_domain}"))
-        .with_context(|| format!("trust domain {trust_domain:?} is not a valid name"))?;
-    let root = ca::make_root(&root_signer, root_subject, ROOT_LIFETIME)?;
-    let intermediate_subject =
-        Name::from_str(&format!("CN=hsmca intermediate CA,O={trust_domain}"))?;
-    let intermediate = ca::make_intermediate(
-        &root_signer,
-        &root,
-        intermediate_key,
-        intermediate_subject,
-        INTERMEDIATE_LIFETIME,
+    let audit_dir = stage.join(AUDIT_DIR);
+    let log = CeremonyLog::open(
+        &audit_dir,
+        HsmSigner::open(token.clone(), AUDIT_KEY, &options)?,
+        "hsmca init",
     )?;
-    // The intermediate key must sign too, before anyone relies on it.
-    HsmSigner::open(token, INTERMEDIATE_KEY, &options)?;
-    CaFiles {
-        ca_cert: intermediate,
-        chain_above: vec![root],
-    }
-    .write(stage)?;
+    let result = (|| {
+        log.key_generated(&token, algorithm, &audit_key)?;
+        for label in [ROOT_KEY, INTERMEDIATE_KEY] {
+            let info = token.generate_key(label, algorithm)?;
+            log.key_generated(&token, algorithm, &info)?;
+        }
+        let root_signer = HsmSigner::open(token.clone(), ROOT_KEY, &options)?;
+        let intermediate_key = token.public_key(INTERMEDIATE_KEY)?;
+        let root_subject = Name::from_str(&format!("O={trust_domain}"))
+            .with_context(|| format!("trust domain {trust_domain:?} is not a valid name"))?;
+        let root = ca::make_root(&root_signer, root_subject, ROOT_LIFETIME)?;
+        log.certificate(
+            format!(
+                "signed root certificate {:?} with key {ROOT_KEY:?} in token {TOKEN_LABEL:?}",
+                root.tbs_certificate().subject().to_string()
+            ),
+            &root,
+        )?;
+        let intermediate_subject =
+            Name::from_str(&format!("CN=hsmca intermediate CA,O={trust_domain}"))?;
+        let intermediate = ca::make_intermediate(
+            &root_signer,
+            &root,
+            intermediate_key,
+            intermediate_subject,
+            INTERMEDIATE_LIFETIME,
+        )?;
+        // The intermediate key must sign too, before anyone relies on it.
+        HsmSigner::open(token.clone(), INTERMEDIATE_KEY, &options)?;
+        log.certificate(
+            format!(
+                "signed intermediate certificate {:?} for key {INTERMEDIATE_KEY:?} with key \
+                 {ROOT_KEY:?} in token {TOKEN_LABEL:?}",
+                intermediate.tbs_certificate().subject().to_string()
+            ),
+            &intermediate,
+        )?;
+        CaFiles {
+            ca_cert: intermediate,
+            chain_above: vec![root],
+        }
+        .write(stage)?;
+        Ok(())
+    })();
+    log.finish(result)?;
+    // The log's files are in place before the parent moves the directory.
+    std::fs::File::open(&audit_dir)?.sync_all()?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Key ceremonies driven by the example configurations in examples/ceremony/: a P-384 root, a
 //! P-256 intermediate in a second token, and a CSR signed by an external (openssl) root and
-//! imported. Checked from the outside with openssl and pkilint.
+//! imported. Checked from the outside with openssl and pkilint; each ceremony's audit log is
+//! checked with `hsmca audit verify` and the audit public key alone.
 
 mod cli_common;
 
@@ -9,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cli_common::{
-    assert_unchanged, have_tool, hsmca, lint_has_no_errors, make_token, openssl_text,
-    openssl_verify, pkcs11_tool_private_keys, run_fails, run_ok, snapshot, text,
+    Snapshot, assert_unchanged, audit_records, have_tool, hsmca, lint_has_no_errors, make_token,
+    norm_serial, openssl_serial, openssl_text, openssl_verify, pem_sha256,
+    pkcs11_tool_private_keys, run, run_fails, run_ok, snapshot, text,
 };
 
 const ROOT_TOKEN: &str = "hsmca-root";
@@ -18,6 +20,11 @@ const ROOT_PIN: &str = "31415926";
 const INTERMEDIATE_TOKEN: &str = "hsmca-intermediate";
 const INTERMEDIATE_PIN: &str = "27182818";
 const CA_FILES: [&str; 3] = ["root-cert.pem", "ca-cert.pem", "cert-chain.pem"];
+/// The audit key of each token, as the example files name it.
+const AUDIT_KEY: &str = "audit-2025";
+/// The audit logs of the examples, and their public keys.
+const ROOT_AUDIT: (&str, &str) = ("audit-root", "audit-root-key.pem");
+const INTERMEDIATE_AUDIT: (&str, &str) = ("audit-intermediate", "audit-intermediate-key.pem");
 
 /// A copy of examples/ceremony with two fresh tokens and the intermediate token's PIN file.
 struct Ceremony {
@@ -92,6 +99,96 @@ impl Ceremony {
     fn openssl(&self, args: &[&str]) {
         run_ok(Command::new("openssl").current_dir(&self.dir).args(args));
     }
+
+    /// Checks an audit log (directory, public key) with `hsmca audit verify` and returns its
+    /// records. Every log a ceremony leaves is sealed: it ends in a stop and a checkpoint.
+    fn audit(&self, (dir, key): (&str, &str)) -> Vec<serde_json::Value> {
+        let out = run(&mut self.hsmca(&["audit", "verify", dir, "--key", key]));
+        assert!(
+            out.status.success() && text(&out).starts_with("OK: "),
+            "{dir} does not verify with {key}: {}",
+            text(&out)
+        );
+        let records = audit_records(&self.path(dir));
+        let kinds: Vec<_> = records
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds[kinds.len() - 2..],
+            ["stop", "checkpoint"],
+            "{kinds:?}"
+        );
+        records
+    }
+}
+
+/// The `ceremony` records whose reason starts with `prefix`.
+fn ceremony_records<'a>(
+    records: &'a [serde_json::Value],
+    prefix: &str,
+) -> Vec<&'a serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| {
+            r["kind"] == "ceremony"
+                && r["decision"] == "allow"
+                && r["reason"].as_str().unwrap_or_default().starts_with(prefix)
+        })
+        .collect()
+}
+
+/// Asserts that the one record of `records` starting with `prefix` is about `cert`: same
+/// serial (as openssl prints it) and the SHA-256 of its DER.
+fn assert_records_certificate(records: &[serde_json::Value], prefix: &str, cert: &Path) {
+    let found = ceremony_records(records, prefix);
+    assert_eq!(found.len(), 1, "{prefix}: {records:#?}");
+    let r = found[0];
+    assert_eq!(r["cert_sha256"], pem_sha256(cert), "{r}");
+    assert!(
+        r["not_before"].is_string() && r["not_after"].is_string(),
+        "{r}"
+    );
+    if have_tool("openssl") {
+        assert_eq!(
+            norm_serial(r["serial"].as_str().unwrap()),
+            openssl_serial(cert),
+            "the serial recorded is not {}'s",
+            cert.display()
+        );
+    }
+}
+
+/// The key generations recorded: the labels, in order.
+fn generated_keys(records: &[serde_json::Value]) -> Vec<String> {
+    ceremony_records(records, "generated ")
+        .iter()
+        .map(|r| {
+            let reason = r["reason"].as_str().unwrap();
+            reason.split('"').nth(1).unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Like [`assert_unchanged`] outside the audit log `dir`, where a failed ceremony adds its
+/// `failed` record; returns that record's reason.
+fn assert_only_failure_recorded(
+    c: &Ceremony,
+    before: &Snapshot,
+    log: (&str, &str),
+    what: &str,
+) -> String {
+    let outside = |s: &Snapshot| -> Snapshot {
+        s.iter()
+            .filter(|(p, _)| !p.starts_with(log.0))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect()
+    };
+    assert_unchanged(&outside(before), &outside(&snapshot(&c.dir)), what);
+    let records = c.audit(log);
+    let failed = &records[records.len() - 3];
+    assert_eq!(failed["kind"], "failed", "{what}: {failed}");
+    failed["reason"].as_str().unwrap().to_owned()
 }
 
 fn assert_protected(keys: &[(String, String)], label: &str) {
@@ -149,8 +246,34 @@ fn root_and_intermediate_ceremonies() {
     // Root: a P-384 key generated in the root token, and its self-signed certificate.
     let out = run_ok(&mut c.ceremony("root", "root.toml"));
     assert!(text(&out).contains("generated ecdsa-p384 key \"root-2025\""));
+    assert!(
+        text(&out).contains("recording this ceremony in the audit log"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("NOT recorded"), "{}", text(&out));
     let root = c.path("root-cert.pem");
     assert!(root.is_file());
+
+    // Its audit log, sealed by the audit key generated in the root token: the start, both
+    // keys, and the certificate with its serial.
+    let records = c.audit(ROOT_AUDIT);
+    assert_eq!(generated_keys(&records), [AUDIT_KEY, "root-2025"]);
+    let began = ceremony_records(&records, "began root ceremony from ");
+    assert_eq!(began.len(), 1, "{records:#?}");
+    assert!(
+        began[0]["reason"].as_str().unwrap().contains("root.toml"),
+        "{}",
+        began[0]
+    );
+    assert_records_certificate(&records, "signed root certificate", &root);
+    assert!(
+        ceremony_records(&records, "generated ecdsa-p384 key \"root-2025\"")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("in token \"hsmca-root\""),
+        "{records:#?}"
+    );
     if have_tool("openssl") {
         let t = openssl_text(&root);
         assert!(t.contains("NIST CURVE: P-384"), "{t}");
@@ -181,6 +304,30 @@ fn root_and_intermediate_ceremonies() {
     assert!(text(&out).contains("generated ecdsa-p256 key \"intermediate-2025\""));
     let out_dir = c.path("intermediate");
     assert_ca_files(&out_dir);
+
+    // Recorded in the intermediate token's log, sealed by that token's audit key; the root's
+    // log is as it was, and one token's audit key does not verify the other's log.
+    let records = c.audit(INTERMEDIATE_AUDIT);
+    assert_eq!(generated_keys(&records), [AUDIT_KEY, "intermediate-2025"]);
+    assert_records_certificate(
+        &records,
+        "signed intermediate certificate",
+        &out_dir.join("ca-cert.pem"),
+    );
+    assert_eq!(
+        c.audit(ROOT_AUDIT).len(),
+        6,
+        "start, 2 keys, 1 certificate, stop, seal"
+    );
+    let out = run(&mut c.hsmca(&[
+        "audit",
+        "verify",
+        ROOT_AUDIT.0,
+        "--key",
+        INTERMEDIATE_AUDIT.1,
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("another key"), "{}", text(&out));
     assert_eq!(
         pem_bodies(&out_dir.join("root-cert.pem")),
         pem_bodies(&root),
@@ -207,14 +354,16 @@ fn root_and_intermediate_ceremonies() {
     assert!(text(&out).contains("already exists"), "{}", text(&out));
     assert_unchanged(&before, &snapshot(&c.dir), "second intermediate ceremony");
 
-    // Each token holds exactly its own protected key.
+    // Each token holds exactly its own protected CA key and audit key.
     if have_tool("pkcs11-tool") {
         let keys = c.keys(ROOT_TOKEN, ROOT_PIN);
-        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(keys.len(), 2, "{keys:?}");
         assert_protected(&keys, "root-2025");
+        assert_protected(&keys, AUDIT_KEY);
         let keys = c.keys(INTERMEDIATE_TOKEN, INTERMEDIATE_PIN);
-        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(keys.len(), 2, "{keys:?}");
         assert_protected(&keys, "intermediate-2025");
+        assert_protected(&keys, AUDIT_KEY);
     }
     let listed = run_ok(&mut c.hsmca(&[
         "keys",
@@ -267,6 +416,11 @@ fn csr_signed_by_an_external_root_is_imported() {
     assert!(text(&out).contains("generated ecdsa-p256 key \"external-2025\""));
     let csr = c.path("external.csr");
     assert!(csr.is_file());
+    let records = c.audit(INTERMEDIATE_AUDIT);
+    assert_eq!(generated_keys(&records), [AUDIT_KEY, "external-2025"]);
+    let made = ceremony_records(&records, "made a CSR for key \"external-2025\"");
+    assert_eq!(made.len(), 1, "{records:#?}");
+    assert_eq!(made[0]["csr_sha256"], pem_sha256(&csr), "{}", made[0]);
     c.openssl(&["req", "-in", "external.csr", "-noout", "-verify"]);
     let subject = Command::new("openssl")
         .current_dir(&c.dir)
@@ -406,10 +560,16 @@ fn csr_signed_by_an_external_root_is_imported() {
         !c.path("external-other").exists(),
         "the failed import wrote its directory"
     );
-    assert_unchanged(
+    // The attempt is in the audit log: a failed record with the reason, and nothing else.
+    let reason = assert_only_failure_recorded(
+        &c,
         &before,
-        &snapshot(&c.dir),
+        INTERMEDIATE_AUDIT,
         "import of another key's certificate",
+    );
+    assert!(
+        reason.starts_with("import ceremony failed: ") && reason.contains("does not certify"),
+        "{reason}"
     );
 
     // The token key's certificate, but not a CA certificate: refused, nothing written.
@@ -449,7 +609,13 @@ fn csr_signed_by_an_external_root_is_imported() {
         "{}",
         text(&out)
     );
-    assert_unchanged(&before, &snapshot(&c.dir), "import of a non-CA certificate");
+    let reason = assert_only_failure_recorded(
+        &c,
+        &before,
+        INTERMEDIATE_AUDIT,
+        "import of a non-CA certificate",
+    );
+    assert!(reason.contains("is not a CA certificate"), "{reason}");
 
     // A chain that does not lead to the certificate's issuer: refused, nothing written.
     c.variant(
@@ -462,7 +628,7 @@ fn csr_signed_by_an_external_root_is_imported() {
     );
     let before = snapshot(&c.dir);
     run_fails(&mut c.ceremony("import", "import-bad-chain.toml"));
-    assert_unchanged(&before, &snapshot(&c.dir), "import with a wrong chain");
+    assert_only_failure_recorded(&c, &before, INTERMEDIATE_AUDIT, "import with a wrong chain");
 
     // The right certificate imports.
     let out = run_ok(&mut c.ceremony("import", "import.toml"));
@@ -482,6 +648,27 @@ fn csr_signed_by_an_external_root_is_imported() {
         pem_bodies(&c.path("external-cert.pem"))
     );
     lint_has_no_errors(&out_dir.join("ca-cert.pem"));
+
+    // The import is recorded with the certificate's serial, after the CSR of the same key and
+    // the three failed attempts, in one log.
+    let records = c.audit(INTERMEDIATE_AUDIT);
+    assert_records_certificate(
+        &records,
+        "imported certificate",
+        &c.path("external-cert.pem"),
+    );
+    let imported = ceremony_records(&records, "imported certificate")[0];
+    assert_eq!(
+        norm_serial(imported["serial"].as_str().unwrap()),
+        "1a2b3c4d5e6f"
+    );
+    assert_eq!(
+        records.iter().filter(|r| r["kind"] == "failed").count(),
+        3,
+        "{records:#?}"
+    );
+    // The import made no key: the audit key came from the CSR ceremony.
+    assert_eq!(generated_keys(&records), [AUDIT_KEY, "external-2025"]);
 
     // Importing again fails: the files exist and are left as they are.
     let before = snapshot(&c.dir);
@@ -508,8 +695,9 @@ fn csr_signed_by_an_external_root_is_imported() {
 
     if have_tool("pkcs11-tool") {
         let keys = c.keys(INTERMEDIATE_TOKEN, INTERMEDIATE_PIN);
-        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(keys.len(), 2, "{keys:?}");
         assert_protected(&keys, "external-2025");
+        assert_protected(&keys, AUDIT_KEY);
     }
 }
 
@@ -536,4 +724,172 @@ fn outputs_may_go_into_new_directories() {
     );
     run_ok(&mut c.ceremony("csr", "csr-sub.toml"));
     assert!(c.path("requests/external.csr").is_file());
+}
+
+#[test]
+fn ceremony_audit_log_refusals_and_failures() {
+    let c = Ceremony::new();
+
+    // Without [audit] a ceremony runs, warns that it is not recorded, and writes no log.
+    let text_without_audit = {
+        let full = std::fs::read_to_string(c.path("root.toml")).unwrap();
+        full[..full.find("\n[audit]").unwrap()].to_owned()
+    };
+    std::fs::write(
+        c.path("root-unaudited.toml"),
+        text_without_audit
+            .replace("root-cert.pem", "unaudited-cert.pem")
+            .replace("root-2025", "root-unaudited"),
+    )
+    .unwrap();
+    let out = run_ok(&mut c.ceremony("root", "root-unaudited.toml"));
+    assert!(
+        text(&out).contains("has no [audit] table: this root ceremony is NOT recorded"),
+        "{}",
+        text(&out)
+    );
+    assert!(c.path("unaudited-cert.pem").is_file());
+    assert!(!c.path(ROOT_AUDIT.0).exists());
+    assert!(!c.path(ROOT_AUDIT.1).exists());
+
+    // An audit key that is missing, without generate_key: refused before anything happens.
+    c.variant(
+        "root.toml",
+        "root-no-audit-key.toml",
+        &[
+            ("generate_key = true\n", ""),
+            ("label = \"root-2025\"", "label = \"root-2026\""),
+        ],
+    );
+    let before = snapshot(&c.dir);
+    let out = run_fails(&mut c.ceremony("root", "root-no-audit-key.toml"));
+    assert!(
+        text(&out).contains("audit key \"audit-2025\" is not in token \"hsmca-root\""),
+        "{}",
+        text(&out)
+    );
+    assert_unchanged(&before, &snapshot(&c.dir), "root without its audit key");
+
+    // The audit key may not be a CA key of the ceremony.
+    c.variant(
+        "root.toml",
+        "root-same-key.toml",
+        &[("key_label = \"audit-2025\"", "key_label = \"root-2025\"")],
+    );
+    let before = snapshot(&c.dir);
+    let out = run_fails(&mut c.ceremony("root", "root-same-key.toml"));
+    assert!(
+        text(&out).contains("must be a key of its own"),
+        "{}",
+        text(&out)
+    );
+    assert_unchanged(&before, &snapshot(&c.dir), "root with its key as audit key");
+
+    // A ceremony that fails once its log is open records why, and the log stays sealed.
+    run_ok(&mut c.ceremony("root", "root.toml"));
+    c.variant(
+        "root.toml",
+        "root-again.toml",
+        &[(
+            "certificate = \"root-cert.pem\"",
+            "certificate = \"again.pem\"",
+        )],
+    );
+    let before = snapshot(&c.dir);
+    let out = run_fails(&mut c.ceremony("root", "root-again.toml"));
+    assert!(text(&out).contains("already exists"), "{}", text(&out));
+    assert!(
+        text(&out).contains("the failure is recorded in the audit log"),
+        "{}",
+        text(&out)
+    );
+    let reason = assert_only_failure_recorded(&c, &before, ROOT_AUDIT, "root with a used label");
+    assert!(
+        reason.starts_with("root ceremony failed: ") && reason.contains("root-2025"),
+        "{reason}"
+    );
+    // The audit key was made once, by the first ceremony, and reused.
+    let records = c.audit(ROOT_AUDIT);
+    assert_eq!(generated_keys(&records), [AUDIT_KEY, "root-2025"]);
+    assert_eq!(
+        ceremony_records(&records, "began root ceremony").len(),
+        2,
+        "{records:#?}"
+    );
+
+    // A published audit key that is not the token's: refused, nothing written.
+    std::fs::copy(c.path(ROOT_AUDIT.1), c.path("wrong-key.pem")).unwrap();
+    c.variant(
+        "csr.toml",
+        "csr-wrong-key.toml",
+        &[(
+            "public_key = \"audit-intermediate-key.pem\"",
+            "public_key = \"wrong-key.pem\"",
+        )],
+    );
+    let before = snapshot(&c.dir);
+    let out = run_fails(&mut c.ceremony("csr", "csr-wrong-key.toml"));
+    assert!(
+        text(&out).contains("wrong token or label"),
+        "{}",
+        text(&out)
+    );
+    assert_unchanged(
+        &before,
+        &snapshot(&c.dir),
+        "csr with another token's audit key",
+    );
+    run_ok(&mut c.ceremony("csr", "csr.toml"));
+    c.variant(
+        "csr.toml",
+        "csr-wrong-key-2.toml",
+        &[
+            (
+                "public_key = \"audit-intermediate-key.pem\"",
+                "public_key = \"wrong-key.pem\"",
+            ),
+            ("output = \"external.csr\"", "output = \"external-2.csr\""),
+        ],
+    );
+    let before = snapshot(&c.dir);
+    let out = run_fails(&mut c.ceremony("csr", "csr-wrong-key-2.toml"));
+    assert!(
+        text(&out).contains("is not the public key of audit key"),
+        "{}",
+        text(&out)
+    );
+    assert_unchanged(
+        &before,
+        &snapshot(&c.dir),
+        "csr with a wrong audit public key",
+    );
+
+    // An edited log does not verify, and no ceremony continues (or seals) it.
+    let log_file = c.path("audit-root/audit-000001.jsonl");
+    let edited = std::fs::read_to_string(&log_file)
+        .unwrap()
+        .replacen("root-2025", "root-2024", 1);
+    std::fs::write(&log_file, edited).unwrap();
+    let out = run(&mut c.hsmca(&["audit", "verify", ROOT_AUDIT.0, "--key", ROOT_AUDIT.1]));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    c.variant(
+        "root.toml",
+        "root-third.toml",
+        &[
+            (
+                "certificate = \"root-cert.pem\"",
+                "certificate = \"third.pem\"",
+            ),
+            ("label = \"root-2025\"", "label = \"root-2027\""),
+        ],
+    );
+    let before = snapshot(&c.dir);
+    let out = run_fails(&mut c.ceremony("root", "root-third.toml"));
+    assert!(
+        text(&out).contains("does not verify with the audit key"),
+        "{}",
+        text(&out)
+    );
+    assert!(!c.path("third.pem").exists());
+    assert_unchanged(&before, &snapshot(&c.dir), "root ceremony on an edited log");
 }

@@ -7,12 +7,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use cli_common::{
-    assert_unchanged, have_tool, hsmca, lint_has_no_errors, openssl_text, openssl_verify,
+    assert_unchanged, audit_records, audit_verify, have_tool, hsmca, lint_has_no_errors,
+    norm_serial, openssl_serial, openssl_text, openssl_verify, pem_sha256,
     pkcs11_tool_private_keys, run, run_fails, run_ok, snapshot, text,
 };
 
 const FILES: [&str; 3] = ["root-cert.pem", "ca-cert.pem", "cert-chain.pem"];
 const KEYS: [&str; 2] = ["hsmca-intermediate", "hsmca-root"];
+const AUDIT_KEY: &str = "hsmca-audit";
 
 fn init(dir: &Path) -> std::process::Command {
     let mut cmd = hsmca();
@@ -80,6 +82,8 @@ fn init_creates_a_protected_ca_and_is_idempotent() {
     lint_has_no_errors(&dir.join("root-cert.pem"));
     lint_has_no_errors(&dir.join("ca-cert.pem"));
 
+    assert_init_audit_log(&dir);
+
     // A second init changes nothing at all, token included.
     let before = snapshot(&dir);
     let again = run_ok(&mut init(&dir));
@@ -129,6 +133,88 @@ fn init_creates_a_protected_ca_and_is_idempotent() {
     }
 }
 
+/// The key ceremony of `init` is in `DIR/audit`: one `ceremony` record per key generated and
+/// per certificate signed, sealed by the audit key, whose public key is `DIR/audit-key.pem`.
+fn assert_init_audit_log(dir: &Path) {
+    let audit = dir.join("audit");
+    assert!(audit.is_dir(), "no audit log");
+    assert!(dir.join("audit-key.pem").is_file(), "no audit public key");
+    // The default key is DIR/audit-key.pem.
+    let out = audit_verify(&audit, None);
+    assert!(out.status.success(), "audit verify: {}", text(&out));
+    assert!(text(&out).starts_with("OK: "), "{}", text(&out));
+
+    let records = audit_records(&audit);
+    let ceremony: Vec<_> = records.iter().filter(|r| r["kind"] == "ceremony").collect();
+    assert_eq!(
+        ceremony.len(),
+        5,
+        "3 keys and 2 certificates: {ceremony:#?}"
+    );
+    for r in &ceremony {
+        assert_eq!(r["decision"], "allow", "{r}");
+    }
+    for label in KEYS.iter().chain([AUDIT_KEY].iter()) {
+        let generated: Vec<_> = ceremony
+            .iter()
+            .filter(|r| {
+                r["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with(&format!("generated ecdsa-p256 key \"{label}\" (CKA_ID "))
+            })
+            .collect();
+        assert_eq!(generated.len(), 1, "key {label}: {ceremony:#?}");
+        assert!(
+            generated[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("in token \"hsmca\""),
+            "{}",
+            generated[0]
+        );
+    }
+    for (what, file) in [
+        ("root certificate", "root-cert.pem"),
+        ("intermediate certificate", "ca-cert.pem"),
+    ] {
+        let signed: Vec<_> = ceremony
+            .iter()
+            .filter(|r| {
+                r["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with(&format!("signed {what}"))
+            })
+            .collect();
+        assert_eq!(signed.len(), 1, "{what}: {ceremony:#?}");
+        let r = signed[0];
+        let cert = dir.join(file);
+        assert_eq!(r["cert_sha256"], pem_sha256(&cert), "{what}: {r}");
+        assert!(
+            r["not_before"].is_string() && r["not_after"].is_string(),
+            "{r}"
+        );
+        if have_tool("openssl") {
+            assert_eq!(
+                norm_serial(r["serial"].as_str().unwrap()),
+                openssl_serial(&cert),
+                "{what}: the serial recorded is not {file}'s"
+            );
+        }
+    }
+    // Closed: a stop record, then a checkpoint sealing everything.
+    let kinds: Vec<_> = records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["stop", "checkpoint"],
+        "{kinds:?}"
+    );
+}
+
 #[test]
 fn init_refuses_a_partial_state_dir() {
     let tmp = tempfile::tempdir().unwrap();
@@ -163,6 +249,31 @@ fn init_refuses_a_partial_state_dir() {
     let before = snapshot(&dir);
     run_fails(&mut init(&dir));
     assert_unchanged(&before, &snapshot(&dir), "init over a half state dir");
+
+    // A leftover audit log, or audit public key, alone: init must not replace them.
+    for name in ["audit", "audit-key.pem"] {
+        let dir = tmp.path().join(format!("leftover-{name}"));
+        std::fs::create_dir(&dir).unwrap();
+        if name == "audit" {
+            std::fs::create_dir(dir.join(name)).unwrap();
+            std::fs::write(dir.join("audit/audit-000001.jsonl"), "someone's log\n").unwrap();
+        } else {
+            std::fs::write(dir.join(name), "someone's key\n").unwrap();
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let before = snapshot(&dir);
+        let out = run_fails(&mut init(&dir));
+        assert!(
+            text(&out).contains(name),
+            "the error names {name}: {}",
+            text(&out)
+        );
+        assert_unchanged(
+            &before,
+            &snapshot(&dir),
+            &format!("init over a lone {name}"),
+        );
+    }
 
     // Every CA file but the chain.
     let done = tmp.path().join("done");
@@ -239,5 +350,72 @@ fn keys_list_refuses_an_uninitialised_state_dir() {
         text(&out).contains("refusing to re-run again"),
         "{}",
         text(&out)
+    );
+}
+
+#[test]
+fn dev_continues_the_audit_log_of_init() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    run_ok(&mut init(&dir));
+    let before = audit_records(&dir.join("audit"));
+
+    // `hsmca dev` on the initialised directory, until it serves, then SIGTERM.
+    let log_path = tmp.path().join("dev.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = hsmca()
+        .args(["dev", "--state-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env_remove("KUBECONFIG")
+        .env("HOME", tmp.path())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if out.contains("serving CreateCertificate") {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("hsmca dev exited ({status}):\n{out}");
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("hsmca dev did not start in 30s:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run_ok(
+        std::process::Command::new("kill")
+            .args(["-TERM", "--"])
+            .arg(child.id().to_string()),
+    );
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("hsmca dev did not stop in 30s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // One chain: init's records unchanged, then the server's, all verified with the key.
+    let out = audit_verify(&dir.join("audit"), None);
+    assert!(out.status.success(), "audit verify: {}", text(&out));
+    let after = audit_records(&dir.join("audit"));
+    assert_eq!(after[..before.len()], before[..], "init's records changed");
+    let kinds: Vec<_> = after[before.len()..]
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"start"), "{kinds:?}");
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["stop", "checkpoint"],
+        "{kinds:?}"
     );
 }

@@ -242,3 +242,62 @@ pub fn make_token(dir: &Path, label: &str, pin: &str, so_pin: &str) -> PathBuf {
     assert!(conf.is_file(), "{} is not a file", conf.display());
     conf
 }
+
+/// `hsmca audit verify PATH [--key KEY]`, run from `dir` when given.
+pub fn audit_verify(path: &Path, key: Option<&Path>) -> Output {
+    let mut cmd = hsmca();
+    cmd.args(["audit", "verify"]).arg(path);
+    if let Some(key) = key {
+        cmd.arg("--key").arg(key);
+    }
+    run(&mut cmd)
+}
+
+/// The records of an audit log, through `hsmca audit show PATH --json`.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok(hsmca().args(["audit", "show"]).arg(path).arg("--json"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// A serial number in hex, as lower case without leading zeros, `0x` or colons.
+pub fn norm_serial(s: &str) -> String {
+    s.trim()
+        .to_ascii_lowercase()
+        .trim_start_matches("0x")
+        .replace(':', "")
+        .trim_start_matches('0')
+        .to_owned()
+}
+
+/// The serial of a certificate as `openssl x509 -serial` prints it, normalised
+/// ([`norm_serial`]).
+pub fn openssl_serial(cert: &Path) -> String {
+    let out = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(cert),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let serial = stdout
+        .trim()
+        .strip_prefix("serial=")
+        .unwrap_or_else(|| panic!("openssl printed {stdout:?}"));
+    norm_serial(serial)
+}
+
+/// SHA-256 (hex) of the DER of the first PEM block (certificate or CSR) in a file.
+pub fn pem_sha256(path: &Path) -> String {
+    use sha2::Digest;
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text
+        .find("-----BEGIN ")
+        .unwrap_or_else(|| panic!("{} holds no PEM", path.display()));
+    let end_marker = text[start..].find("-----END ").unwrap() + start;
+    let end = text[end_marker + 9..].find("-----").unwrap() + end_marker + 9 + 5;
+    let (_, der) = der::pem::decode_vec(&text.as_bytes()[start..end])
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hex::encode(sha2::Sha256::digest(&der))
+}

@@ -204,7 +204,11 @@ def test_verify_intact_log(audited):
     assert m and int(m.group(1)) == len(records), out
     assert int(m.group(2)) == sum(1 for r in records if r["kind"] == "checkpoint") >= 4, out
     assert [r["seq"] for r in records] == list(range(len(records)))
-    assert records[0]["kind"] == "start" and records[0]["prev"] == "0" * 64
+    # The log begins with init's ceremony (keys generated, root and intermediate signed, then
+    # init's stop and seal), and the server's run follows with its start record.
+    assert records[0]["kind"] == "ceremony" and records[0]["prev"] == "0" * 64
+    assert [r["kind"] for r in records].count("ceremony") == 5
+    assert any(r["kind"] == "start" for r in records)
     # SIGTERM: a stop record, then a final checkpoint sealing it.
     assert [r["kind"] for r in records[-2:]] == ["stop", "checkpoint"], records[-2:]
     assert all(r["v"] == 1 for r in records)
@@ -538,7 +542,8 @@ def test_kill_9_under_load_then_recover(workdir, kube, client, tmp_path):
     rc, out = _verify(audit, "--max-unsealed", "100000")
     assert rc == 0, out
     kinds = [r["kind"] for r in records]
-    assert kinds.count("start") == 2 and kinds.count("stop") == 1, "one start per run, one clean stop"
+    # init's ceremony ends with a stop; then one start per server run and one clean stop.
+    assert kinds.count("start") == 2 and kinds.count("stop") == 2, "one start per run, one clean stop"
     signed = {_norm_serial(r["serial"]): r for r in records if r["kind"] == "signed"}
     signing = {(r["request_id"], _norm_serial(r["serial"])) for r in records if r["kind"] == "signing"}
     missing = [s for s in received if _norm_serial(s) not in signed]
