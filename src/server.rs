@@ -120,9 +120,11 @@ async fn probe_hsm(ca: Arc<WorkloadCa>, health: tonic_health::server::HealthRepo
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         let signer = ca.signer().clone();
-        let ok = tokio::task::spawn_blocking(move || signer.sign(b"hsmca health probe").is_ok())
-            .await
-            .unwrap_or(false);
+        let probe = tokio::task::spawn_blocking(move || signer.sign(b"hsmca health probe").is_ok());
+        let ok = matches!(
+            tokio::time::timeout(service::HSM_DEADLINE, probe).await,
+            Ok(Ok(true))
+        );
         if ok != serving {
             serving = ok;
             if ok {

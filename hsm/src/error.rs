@@ -55,6 +55,9 @@ pub enum Error {
     /// A signature could not be verified.
     #[error("signature verification failed: {0}")]
     Verify(String),
+    /// The HSM did not answer in time.
+    #[error("HSM timeout: {0}")]
+    Timeout(String),
 }
 
 /// Result alias for this crate.
@@ -86,6 +89,10 @@ impl Error {
 
     /// True when the token itself is unreachable (the caller should report "unavailable").
     pub fn is_unavailable(&self) -> bool {
-        self.is_session_lost() || matches!(self, Error::LoadModule { .. } | Error::TokenNotFound(_))
+        self.is_session_lost()
+            || matches!(
+                self,
+                Error::LoadModule { .. } | Error::TokenNotFound(_) | Error::Timeout(_)
+            )
     }
 }

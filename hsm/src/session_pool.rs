@@ -15,6 +15,16 @@ use crate::Result;
 pub(crate) struct PooledSession {
     pub(crate) session: Session,
     pub(crate) key: ObjectHandle,
+    /// The module generation the session was opened in.
+    pub(crate) generation: u64,
+}
+
+impl PooledSession {
+    /// Drops a session that is dead without closing it: after a re-initialisation its handle
+    /// may belong to a new session, which closing it would end.
+    pub(crate) fn abandon(self) {
+        std::mem::forget(self.session);
+    }
 }
 
 pub(crate) struct SessionPool {
@@ -44,11 +54,14 @@ impl SessionPool {
         self.max
     }
 
-    /// Takes an idle session, opens a new one with `open` if the pool is not full, or waits.
+    /// Takes an idle session, opens a new one with `open` if the pool is not full, or waits
+    /// up to `wait` for one to be returned (a hung HSM keeps its sessions: fail, do not queue).
     pub(crate) fn take(
         &self,
         open: impl FnOnce() -> Result<PooledSession>,
+        wait: std::time::Duration,
     ) -> Result<PooledSession> {
+        let deadline = std::time::Instant::now() + wait;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(s) = state.idle.pop() {
@@ -59,7 +72,18 @@ impl SessionPool {
                 drop(state);
                 return open().inspect_err(|_| self.forget());
             }
-            state = self.returned.wait(state).unwrap_or_else(|p| p.into_inner());
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(crate::Error::Timeout(format!(
+                    "no HSM session became free within {}s: the HSM is not answering",
+                    wait.as_secs_f64()
+                )));
+            }
+            state = self
+                .returned
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -79,11 +103,13 @@ impl SessionPool {
         self.returned.notify_one();
     }
 
-    /// Drops every idle session (after a token-wide failure, all of them are suspect).
+    /// Abandons every idle session (after a token-wide failure, all of them are suspect).
     pub(crate) fn clear_idle(&self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let n = state.idle.len();
-        state.idle.clear();
+        for s in state.idle.drain(..) {
+            s.abandon();
+        }
         state.open -= n;
         drop(state);
         self.returned.notify_all();

@@ -33,6 +33,9 @@ pub struct SignerOptions {
     pub allow_insecure_key: bool,
 }
 
+/// How long a signature may wait for a free session before the HSM counts as not answering.
+const SESSION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Default for SignerOptions {
     fn default() -> Self {
         SignerOptions {
@@ -115,9 +118,16 @@ impl HsmSigner {
     }
 
     fn open_session(&self) -> Result<PooledSession> {
-        let session = self.token.open_session()?;
-        let key = self.token.find_private_key(&session, &self.key_label)?;
-        Ok(PooledSession { session, key })
+        let (session, generation) = self.token.open_session_gen()?;
+        let key = {
+            let _call = self.token.module().calls();
+            self.token.find_private_key(&session, &self.key_label)?
+        };
+        Ok(PooledSession {
+            session,
+            key,
+            generation,
+        })
     }
 
     /// One `C_Sign` on a pooled session. A lost session or login is recovered once by
@@ -128,15 +138,30 @@ impl HsmSigner {
         let (mechanism, input) = self.algorithm.sign_input(message);
         let mut retried = false;
         loop {
-            let pooled = self.pool.take(|| self.open_session())?;
-            match pooled.session.sign(&mechanism, pooled.key, &input) {
+            let pooled = self.pool.take(|| self.open_session(), SESSION_WAIT)?;
+            let module = self.token.module();
+            let call = module.calls();
+            if pooled.generation != module.generation() {
+                // Opened before the module was re-initialised: dead.
+                drop(call);
+                pooled.abandon();
+                self.pool.forget();
+                continue;
+            }
+            let result = pooled.session.sign(&mechanism, pooled.key, &input);
+            drop(call);
+            match result {
                 Ok(sig) => {
                     self.pool.give_back(pooled);
                     return Ok(sig);
                 }
                 Err(e) => {
                     let err = Error::from(e);
-                    drop(pooled);
+                    if err.is_session_lost() {
+                        pooled.abandon();
+                    } else {
+                        drop(pooled);
+                    }
                     self.pool.forget();
                     if err.is_session_lost() && !retried {
                         tracing::warn!(

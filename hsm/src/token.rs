@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
@@ -37,20 +38,35 @@ pub fn default_module_path() -> Option<PathBuf> {
 pub struct Module {
     pkcs11: Pkcs11,
     path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+/// What every handle to one loaded module shares.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Held (shared) around every call that uses a session; re-initialisation takes it
+    /// exclusively, so `C_Finalize` never runs while another thread is inside the module.
+    calls: RwLock<()>,
+    /// Bumped by each re-initialisation: sessions of an older generation are dead, and their
+    /// handles may be reused by new sessions, so they are forgotten, never closed.
+    generation: AtomicU64,
+    last_reinit: Mutex<Option<std::time::Instant>>,
 }
 
 impl Module {
     /// Loads and initialises the module at `path`.
     pub fn load(path: &Path) -> Result<Module> {
-        static LOADED: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+        type Loaded = HashMap<PathBuf, (Pkcs11, Arc<Shared>)>;
+        static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
         let mut loaded = LOADED
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(pkcs11) = loaded.get(path) {
+        if let Some((pkcs11, shared)) = loaded.get(path) {
             return Ok(Module {
                 pkcs11: pkcs11.clone(),
                 path: path.to_owned(),
+                shared: shared.clone(),
             });
         }
         let load_err = |source| Error::LoadModule {
@@ -63,23 +79,41 @@ impl Module {
             Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(load_err(e)),
         }
-        loaded.insert(path.to_owned(), pkcs11.clone());
+        let shared = Arc::new(Shared::default());
+        loaded.insert(path.to_owned(), (pkcs11.clone(), shared.clone()));
         Ok(Module {
             pkcs11,
             path: path.to_owned(),
+            shared,
         })
+    }
+
+    /// Shared access for a call into the module (see [`Module::reinitialize`]).
+    pub(crate) fn calls(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.shared.calls.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current generation of sessions.
+    pub(crate) fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
     }
 
     /// Finalises and re-initialises the module, at most once a second: a module that talks to a
     /// remote HSM (p11-kit's client) reconnects only on `C_Initialize`. Sessions opened before
     /// are gone afterwards.
     pub fn reinitialize(&self) {
-        static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
-        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self
+            .shared
+            .last_reinit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
             return;
         }
         *last = Some(std::time::Instant::now());
+        // Wait for every call in flight to return, then nobody enters while the module restarts.
+        let _exclusive = self.shared.calls.write().unwrap_or_else(|p| p.into_inner());
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         let _ = self.pkcs11.clone().finalize();
         match self
             .pkcs11
@@ -201,24 +235,34 @@ impl Token {
         &self.module
     }
 
-    /// Opens a read-write session and logs the application in (once per application).
-    /// The slot is looked up again by label when the remembered one is gone.
+    /// Opens a read-write session and logs the application in (once per application), and
+    /// returns it with its generation. The slot is looked up again by label when the remembered
+    /// one is gone; if the module itself fails (a network HSM restarted), it is re-initialised
+    /// once and the session opened again.
+    pub(crate) fn open_session_gen(&self) -> Result<(Session, u64)> {
+        match self.try_open_session() {
+            Ok(s) => Ok(s),
+            Err(e) if e.is_session_lost() || matches!(e, Error::TokenNotFound(_)) => {
+                self.module.reinitialize();
+                self.try_open_session()
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A session for a one-off task (key generation, listing); see [`Token::open_session_gen`].
     pub(crate) fn open_session(&self) -> Result<Session> {
+        self.open_session_gen().map(|(s, _)| s)
+    }
+
+    fn try_open_session(&self) -> Result<(Session, u64)> {
+        let _call = self.module.calls();
+        let generation = self.module.generation();
         let slot = *self.slot.lock().unwrap_or_else(|p| p.into_inner());
         let session = match self.module.pkcs11.open_rw_session(slot) {
             Ok(s) => s,
             Err(_) => {
-                // The slot may have changed (token re-inserted), or the module lost its
-                // connection (a network HSM restarted): look the token up again, and if the
-                // module itself fails, re-initialise it once and try again.
-                let slot = match self.module.find_token(&self.label) {
-                    Ok(slot) => slot,
-                    Err(e) if e.is_session_lost() || matches!(e, Error::TokenNotFound(_)) => {
-                        self.module.reinitialize();
-                        self.module.find_token(&self.label)?
-                    }
-                    Err(e) => return Err(e),
-                };
+                let slot = self.module.find_token(&self.label)?;
                 *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
                 self.module.pkcs11.open_rw_session(slot)?
             }
@@ -228,7 +272,7 @@ impl Token {
             Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => return Err(e.into()),
         }
-        Ok(session)
+        Ok((session, generation))
     }
 
     /// Logs the application out of the token: every session loses its login.

@@ -73,7 +73,12 @@ struct State {
     key_id: Option<String>,
     options: AuditOptions,
     healthy: Arc<AtomicBool>,
+    seal_failing: bool,
+    pending_seal: Option<Receiver<Result<Vec<u8>, String>>>,
 }
+
+/// How long a checkpoint waits for the audit key to sign.
+const SEAL_WAIT: Duration = Duration::from_secs(1);
 
 fn file_name(index: u32) -> String {
     format!("audit-{index:06}.jsonl")
@@ -193,6 +198,8 @@ impl AuditLog {
             key_id,
             options,
             healthy: Arc::new(AtomicBool::new(true)),
+            seal_failing: false,
+            pending_seal: None,
         };
         if let Some(torn) = recovered {
             state
@@ -351,18 +358,14 @@ impl State {
         for (mut record, ack) in batch {
             self.chain(&mut record, &mut buf);
             acks.push((ack, record.seq));
-            if self.sealer.is_some()
-                && self.unsealed >= self.options.checkpoint_every
-                && let Err(e) = self.checkpoint(&mut buf)
-            {
-                tracing::error!(error = %e, "audit checkpoint could not be signed");
+            if self.sealer.is_some() && self.unsealed >= self.options.checkpoint_every {
+                let sealed = self.checkpoint(&mut buf);
+                self.note_seal(sealed);
             }
         }
-        if seal_at_end
-            && self.unsealed > 0
-            && let Err(e) = self.checkpoint(&mut buf)
-        {
-            tracing::error!(error = %e, "audit checkpoint could not be signed");
+        if seal_at_end && self.unsealed > 0 {
+            let sealed = self.checkpoint(&mut buf);
+            self.note_seal(sealed);
         }
         if let Err(e) = self
             .file
@@ -392,6 +395,21 @@ impl State {
             tracing::error!(error = %e, "audit log rotation failed; continuing in the current file");
         }
         result
+    }
+
+    /// Logs a failing seal once, and its recovery, instead of at every batch.
+    fn note_seal(&mut self, sealed: Result<(), String>) {
+        match (sealed, self.seal_failing) {
+            (Err(e), false) => {
+                tracing::error!(error = %e, "audit checkpoint could not be signed; records stay unsealed until the audit key signs again");
+                self.seal_failing = true;
+            }
+            (Ok(()), true) => {
+                tracing::info!("audit checkpoints are signed again");
+                self.seal_failing = false;
+            }
+            _ => {}
+        }
     }
 
     fn chain(&mut self, record: &mut Record, buf: &mut Vec<u8>) {
@@ -426,7 +444,7 @@ impl State {
         let unsigned = serde_json::to_vec(&record).expect("a record serialises");
         let mut message = CHECKPOINT_CONTEXT.to_vec();
         message.extend_from_slice(&unsigned);
-        let sig = sealer.sign(&message).map_err(|e| e.to_string())?;
+        let sig = self.seal(sealer, message)?;
         record.sig = Some(base64::engine::general_purpose::STANDARD.encode(sig));
         let line = serde_json::to_vec(&record).expect("a record serialises");
         self.prev = sha256_hex(&line);
@@ -436,6 +454,37 @@ impl State {
         buf.extend_from_slice(&line);
         buf.push(b'\n');
         Ok(())
+    }
+
+    /// Signs a checkpoint on a helper thread and waits at most [`SEAL_WAIT`]: a hung HSM must
+    /// not stop the log (records are written unsealed; verify reports the unsealed tail). While
+    /// an earlier signature is still outstanding, no new one is asked for.
+    fn seal(&mut self, sealer: Arc<dyn Signer>, message: Vec<u8>) -> Result<Vec<u8>, String> {
+        if let Some(pending) = &self.pending_seal {
+            match pending.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    return Err("the audit key has not answered an earlier checkpoint yet".into());
+                }
+                _ => self.pending_seal = None,
+            }
+        }
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("audit-seal".into())
+            .spawn(move || {
+                let _ = tx.send(sealer.sign(&message).map_err(|e| e.to_string()));
+            })
+            .map_err(|e| e.to_string())?;
+        match rx.recv_timeout(SEAL_WAIT) {
+            Ok(result) => result,
+            Err(_) => {
+                self.pending_seal = Some(rx);
+                Err(format!(
+                    "the audit key did not sign within {}s",
+                    SEAL_WAIT.as_secs_f64()
+                ))
+            }
+        }
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {

@@ -134,6 +134,9 @@ fn impersonated_identity(req: &IstioCertificateRequest) -> Result<Option<String>
     }
 }
 
+/// How long a signature may take before the HSM counts as not answering.
+pub(crate) const HSM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn rfc3339(t: SystemTime) -> String {
     jiff::Timestamp::try_from(t)
         .map(|t| t.to_string())
@@ -302,23 +305,31 @@ impl CaService {
             .cloned()
             .collect();
         if let Some(audit) = &self.audit {
-            // Boulder's habit: the intent is recorded before the HSM is called. It is queued
-            // ahead of the "signed" record, whose durability the response waits for; a log that
+            // Boulder's habit: the intent is on disk before the HSM is called, so a log that
             // cannot be written stops issuing before anything is signed.
-            if !audit.is_healthy() {
-                return Err(with(RequestError::Unavailable(
-                    "audit log unavailable: the CA issues nothing it cannot record".into(),
-                )));
-            }
             trail.kind = Kind::Signing;
-            audit.append(trail.clone());
+            audit.append_durable(trail.clone()).await.map_err(|e| {
+                with(RequestError::Unavailable(format!(
+                    "{e}; the CA signs nothing it cannot record"
+                )))
+            })?;
         }
         let ca = self.ca.clone();
         let started = Instant::now();
-        let issued = tokio::task::spawn_blocking(move || ca.sign(linted))
-            .await
-            .map_err(|e| with(RequestError::Internal(format!("signing task failed: {e}"))))?
-            .map_err(|e| with(self.sign_error(e)))?;
+        // A hung HSM must not hang the caller: past the deadline the request is refused (the
+        // blocked call finishes or fails on its own; its session stays out of the pool).
+        let signing = tokio::task::spawn_blocking(move || ca.sign(linted));
+        let issued = match tokio::time::timeout(HSM_DEADLINE, signing).await {
+            Err(_) => {
+                m.hsm_error_count.fetch_add(1, Ordering::Relaxed);
+                return Err(with(RequestError::Unavailable(
+                    "the CA's HSM did not answer in time; retry later".into(),
+                )));
+            }
+            Ok(joined) => joined
+                .map_err(|e| with(RequestError::Internal(format!("signing task failed: {e}"))))?
+                .map_err(|e| with(self.sign_error(e)))?,
+        };
         m.observe_signing(started.elapsed());
         if let Some(audit) = &self.audit {
             trail.kind = Kind::Signed;

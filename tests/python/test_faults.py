@@ -3,13 +3,17 @@
 1. A network HSM (SoftHSM behind `p11-kit server`, reached through p11-kit's client module)
    disappears under load and comes back: requests fail fast with UNAVAILABLE, gRPC health
    turns NOT_SERVING, nothing failed is recorded as signed, and the CA serves again without
-   a restart.
+   a restart. Also: the HSM dying under heavy load never aborts the server (re-initialising the
+   module waits for calls in flight), and a HSM that stops answering (SIGSTOP) fails requests
+   fast and turns health NOT_SERVING.
 2. The token's user PIN is changed underneath a running CA; a PIN file readable by others.
 3. The audit log cannot be written (the current file made immutable with `chattr +i`).
+   Nothing is signed while the log cannot be written: the "signing" record must be on disk first.
 4. `hsmca dev` killed with SIGKILL under load, with a node agent writing --output-certs.
 
 Every server here has its own state directory, and every process started here is stopped in
-a `finally` (SIGTERM, then SIGKILL).
+a `finally` (SIGTERM, then SIGKILL). A tool the tests need (p11-kit, pkcs11-tool, chattr on a
+file system that supports it) that is missing skips its test, unless HSMCA_REQUIRE_TOOLS is set.
 """
 
 import concurrent.futures
@@ -36,7 +40,7 @@ SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 ISSUED_RX = re.compile(r"workload certificate issued serial=([0-9a-fA-F]+)")
 
-# Only the variables a test sets: these would change what hsmca or its agent does.
+# Variables that would change what hsmca or its agent does: dropped, so only what a test sets applies.
 _HERMETIC_DROP = (
     "TOKEN_AUDIENCES", "MAX_WORKLOAD_CERT_TTL", "DEFAULT_WORKLOAD_CERT_TTL",
     "CA_TRUSTED_NODE_ACCOUNTS", "CLUSTER_ID", "TRUST_DOMAIN", "KUBECONFIG", "SOFTHSM2_CONF",
@@ -87,6 +91,8 @@ class Server(L.DevServer):
             self.kill()
             raise RuntimeError(f"hsmca {args[0]} did not start:\n{self.diagnostics()}")
         self.port = int(m.group(1))
+        m = self.out.wait_for(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", 10)
+        self.metrics_url = m and m.group(1)
         self.root_pem = L.read(os.path.join(state_dir, "root-cert.pem"))
 
     def stop(self):
@@ -97,20 +103,27 @@ class Server(L.DevServer):
         return rc
 
 
-def dev(state, kubeconfig, log_path, listen="127.0.0.1:0"):
+def start_dev(state, kubeconfig, log_path, listen="127.0.0.1:0"):
     return Server(["dev", "--state-dir", state, "--listen", listen, "--metrics-listen", "127.0.0.1:0",
                    "--kubeconfig", kubeconfig], state, log_path=log_path)
 
 
-def start_fails(args, env=None, timeout=60):
-    """Runs hsmca expecting it to refuse to start: returns (exit code, stdout + stderr)."""
-    try:
-        res = subprocess.run([L.HSMCA, *args], capture_output=True, text=True, env=_env(env),
-                             timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        pytest.fail(f"hsmca {' '.join(args)} did not exit within {timeout} s (it should refuse to start)\n{out}")
-    return res.returncode, res.stdout + res.stderr
+def start_fails(args, env=None, timeout=30):
+    """Runs hsmca expecting it to refuse to start: returns (exit code, stdout + stderr). Fails
+    the test at once if it starts serving instead (after stopping it)."""
+    proc = subprocess.Popen([L.HSMCA, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(env))
+    out = L.OutputWatcher(proc.stdout, "hsmca")
+    serving = out.wait_for(r"serving CreateCertificate on", timeout)  # or its output ends
+    if not serving:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    if serving or proc.poll() is None:
+        _stop_proc(proc)
+        pytest.fail(f"hsmca {' '.join(args)} {'started serving' if serving else f'did not exit within {timeout} s'}"
+                    f" (it should refuse to start)\n{out.text()}")
+    return proc.returncode, out.text()
 
 
 def _stop_proc(proc, timeout=10):
@@ -135,7 +148,8 @@ class P11KitServer:
     """`p11-kit server` exporting the state dir's SoftHSM token on a Unix socket.
 
     It runs in its own session (process group), and every `p11-kit-remote` it spawns per client
-    connection stays in that group: `kill()` takes the whole HSM down at once with SIGKILL.
+    connection stays in that group: `kill()` takes the whole HSM down at once with SIGKILL (the
+    server alone would leave the open connections working through their p11-kit-remote).
     """
 
     def __init__(self, state, sock):
@@ -160,10 +174,16 @@ class P11KitServer:
                 pass
         return out
 
-    def kill(self, sig=signal.SIGKILL):
+    def kill(self, sig=signal.SIGKILL, freeze_first=0.0):
+        """Stops the HSM with `sig`; with `freeze_first`, it first stops answering (SIGSTOP) for
+        that many seconds, so calls pile up in flight before the connection drops."""
         members = self.members()
         try:
+            if freeze_first:
+                self.freeze()
+                time.sleep(freeze_first)
             os.killpg(self.proc.pid, sig)
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen process acts on SIGTERM only when continued
         except ProcessLookupError:
             pass
         try:
@@ -179,6 +199,10 @@ class P11KitServer:
             L._terminate(p)
         assert not left, f"p11-kit processes survived {sig!r}: {left}"
         return members
+
+    def freeze(self, sig=signal.SIGSTOP):
+        """The HSM stops answering (SIGSTOP) or answers again (SIGCONT); connections stay open."""
+        os.killpg(self.proc.pid, sig)
 
     def stop(self):
         if self.proc.poll() is None or any(L._running(p) for p in self.members()):
@@ -283,7 +307,8 @@ def _check_signed_records(records, received_pems):
         r = signed.get(_cert_sha256(pem))
         if r is None or int(r["serial"].replace(":", ""), 16) != leaf.serial_number:
             missing.append(format(leaf.serial_number, "x"))
-    assert not missing, f"{len(missing)} of {len(received_pems)} certificates clients received have no signed record: {missing[:5]}"
+    assert not missing, (f"{len(missing)} of {len(received_pems)} certificates clients received have no "
+                         f"signed record: {missing[:5]}")
 
 
 def _health_both(ch):
@@ -294,7 +319,7 @@ def _health_both(ch):
 # 1. A network HSM goes away under load and comes back
 
 
-def _serve_config(path, state, kubeconfig):
+def _serve_config(path, state, kubeconfig, sessions=2):
     with open(path, "w") as f:
         f.write(f"""\
 listen = "127.0.0.1:0"
@@ -307,7 +332,7 @@ module = "{P11KIT_CLIENT}"
 token_label = "hsmca"
 key_label = "hsmca-intermediate"
 pin_file = "{state}/hsm-pin"
-sessions = 2
+sessions = {sessions}
 
 [ca]
 dir = "{state}"
@@ -322,33 +347,90 @@ key_label = "hsmca-audit"
     return path
 
 
-OUTAGES = int(os.environ.get("XO", 4))  # the HSM goes away and comes back this many times in one server's life
+OUTAGES = 2  # the HSM goes away and comes back this many times in one server's life
+SERVER_LIVES = 5  # servers started by the abort test, each seeing one outage under load
 
-# The PKCS#11 module is re-initialised (C_Finalize + C_Initialize, hsm/src/token.rs
-# Module::reinitialize) by whichever thread first finds the network HSM gone, while the other
-# signing threads (the session pool, the audit checkpoint signer, the health probe) are still
-# inside C_Sign on the same module. PKCS#11 leaves C_Finalize undefined while other threads are
-# in calls; p11-kit's client aborts the process. It does not happen on every outage (roughly
-# 2 in 3 here), so the test goes through OUTAGES outages; a fixed server survives them all.
+# Whichever signing thread first finds the network HSM gone re-initialises the PKCS#11 module
+# (hsm/src/token.rs Module::reinitialize: C_Finalize + C_Initialize) while other threads are
+# still inside calls on the same module. PKCS#11 leaves C_Finalize undefined while other threads
+# are in calls; p11-kit's client drops the transport's socket reference under the in-flight call,
+# which then fails `assert (sock->refs > 0)` in rpc_transport_buffer and aborts the process.
 HSM_OUTAGE_ABORT = (
-    "BUG: when the network HSM goes away under load, hsmca serve dies with SIGABRT "
-    "(p11-kit/rpc-transport.c:723: rpc_transport_buffer: Assertion `sock->refs > 0' failed, in "
-    "C_Sign from HsmSigner::sign_raw): Module::reinitialize calls C_Finalize while other threads "
-    "are inside C_Sign on the same module")
+    "BUG: hsmca serve dies with SIGABRT when a network HSM (p11-kit-client.so) goes away under "
+    "load: 'p11-kit/rpc-transport.c:723: rpc_transport_buffer: Assertion `sock->refs > 0' "
+    "failed' in C_Sign (HsmSigner::sign_raw), because Module::reinitialize (hsm/src/token.rs) "
+    "calls C_Finalize while other threads are inside C_Sign on the same module")
 
 
-@pytest.mark.xfail(strict=True, reason=HSM_OUTAGE_ABORT)
-def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
+class HsmOutageAbort(AssertionError):
+    """The server died of HSM_OUTAGE_ABORT (and of nothing else)."""
+
+
+def _known_abort(server):
+    """True when `server` died of the HSM_OUTAGE_ABORT bug (SIGABRT, p11-kit's assertion)."""
+    return (server is not None and server.proc.poll() == -signal.SIGABRT
+            and "sock->refs > 0" in server.err.text())
+
+
+def _serve_with_p11kit(tmp_path, fkube, sessions=2):
     L.require_tool(shutil.which("p11-kit") and os.path.exists(P11KIT_CLIENT),
                    f"p11-kit (server and {P11KIT_CLIENT}) is not installed: apt-get install p11-kit")
     state = str(tmp_path / "S")
     res = L.hsmca("init", "--state-dir", state)
     assert res.returncode == 0, res.stdout + res.stderr
-    sock = str(tmp_path / "p11.sock")
-    config = _serve_config(str(tmp_path / "serve.toml"), state, fkube.kubeconfig)
+    return state, str(tmp_path / "p11.sock"), _serve_config(str(tmp_path / "serve.toml"), state, fkube.kubeconfig,
+                                                            sessions)
 
+
+def test_hsm_outage_under_load_does_not_abort(tmp_path, fkube, client):
+    """The race above, made likely: 8 sessions signing for 16 client threads, and the HSM first
+    stops answering for 0.3 s (every session's C_Sign is then in flight) before it dies. Each of
+    SERVER_LIVES servers must still be running a second later. (With a plain kill and 2 sessions,
+    as in the test below, the abort hits about one server in two.)"""
+    state, sock, config = _serve_with_p11kit(tmp_path, fkube, sessions=8)
+    for life in range(SERVER_LIVES):
+        p11 = P11KitServer(state, sock)
+        server = load = None
+        try:
+            server = Server(["serve", "--config", config], state,
+                            env={"P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"},
+                            log_path=str(tmp_path / f"serve-{life}.log"))
+            load = Load(client, client.channel(server.target, server.root_pem), L.GOOD_TOKEN, threads=16)
+            load.wait(lambda r: r["ok"], 10, 30, "certificates before the outage")
+            p11.kill(freeze_first=0.3)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and server.alive():
+                time.sleep(0.05)
+            if _known_abort(server):
+                raise HsmOutageAbort(f"server {life + 1} of {SERVER_LIVES} aborted:\n{server.err.text()[-3000:]}")
+            assert server.alive(), (
+                f"server {life + 1} of {SERVER_LIVES}: hsmca serve died (exit {server.proc.poll()}) "
+                f"when the HSM went away under load\n{server.err.text()[-3000:]}")
+            load.stop()
+            load = None
+            assert server.alive()
+        finally:
+            if load:
+                load.stop()
+            rc = server.stop() if server else None
+            p11.stop()
+            if os.path.exists(sock):
+                os.unlink(sock)
+        assert rc == 0, f"hsmca serve: exit {rc} on SIGTERM with the HSM down (want 0)\n{server.diagnostics()}"
+    rc, out = _verify(os.path.join(state, "audit"), "--max-unsealed", "100000")
+    assert rc == 0, out
+
+
+def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
+    """A network HSM goes away under load and comes back, OUTAGES times, without restarting hsmca.
+
+    When the server dies of the abort above (test_hsm_outage_under_load_does_not_abort, about
+    one run in two), this test is reported as xfail; any other failure fails it.
+    """
+    state, sock, config = _serve_with_p11kit(tmp_path, fkube)
     p11 = P11KitServer(state, sock)
     server = load = None
+    aborted = False
     cycles = []  # per outage: (t_kill, t_restart, seconds to NOT_SERVING, seconds to SERVING)
     try:
         server = Server(["serve", "--config", config], state,
@@ -366,7 +448,7 @@ def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
                 return h if set(h.values()) == {want} else None
             return probe
 
-        load = Load(client, ch, L.GOOD_TOKEN, threads=int(os.environ.get("XT", 4)))
+        load = Load(client, ch, L.GOOD_TOKEN, threads=4)
         load.wait(lambda r: r["ok"], 20, 30, "certificates before the outage")
         for _ in range(OUTAGES):
             # The HSM goes away: the server and every p11-kit-remote serving a connection.
@@ -376,7 +458,7 @@ def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
             _, down = _wait(health_is("NOT_SERVING"), 5, "health NOT_SERVING after the HSM went away")
             # Let the outage last: requests keep coming and must keep failing fast.
             load.wait(lambda r: r["start"] > t_kill + 0.2 and not r["ok"], 20, 15, "failures during the outage")
-            time.sleep(max(0.0, t_kill + 2.5 - time.monotonic()))
+            time.sleep(max(0.0, t_kill + 3.0 - time.monotonic()))
 
             # The HSM comes back on the same socket (a SIGKILLed server leaves its socket file).
             if os.path.exists(sock):
@@ -384,18 +466,24 @@ def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
             t_restart = time.monotonic()
             p11 = P11KitServer(state, sock)
             _, up = _wait(health_is("SERVING"), 10, "health SERVING again after the HSM came back", 0.2)
-            load.wait(lambda r: r["ok"] and r["start"] > t_restart, 10, 10 - (time.monotonic() - t_restart),
-                      "certificates after the HSM came back")
+            load.wait(lambda r: r["ok"] and r["start"] > t_restart, 10,
+                      max(0.1, 10 - (time.monotonic() - t_restart)), "certificates after the HSM came back")
             cycles.append((t_kill, t_restart, down, up))
             time.sleep(0.5)
         load.stop()
         assert server.alive(), f"hsmca serve died\n{server.diagnostics()}"
         assert set(_health_both(ch).values()) == {"SERVING"}
+    except Exception:
+        aborted = _known_abort(server)
+        if not aborted:
+            raise
     finally:
         if load:
             load.stop()
         server_rc = server.stop() if server else None
         p11.stop()
+    if aborted:
+        pytest.fail("hsmca serve aborted when the HSM went away: " + HSM_OUTAGE_ABORT)
     assert server_rc == 0, f"hsmca serve: exit {server_rc} on SIGTERM (want 0)\n{server.diagnostics()}"
 
     results = load.snapshot()
@@ -429,6 +517,57 @@ def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
     assert rc == 0, out
 
 
+HSM_HANG = (
+    "BUG: a network HSM that stops answering (connection open, no reply) hangs every "
+    "CreateCertificate until the client's deadline (DEADLINE_EXCEEDED, not UNAVAILABLE), and "
+    "health stays SERVING: C_Sign has no timeout, and the health probe (server.rs probe_hsm) "
+    "waits on the same hung call, so it never reports NOT_SERVING")
+
+
+class HsmHang(AssertionError):
+    """A request or the health probe hung on a frozen HSM."""
+
+
+def test_hung_network_hsm_fails_fast(tmp_path, fkube, client):
+    """The HSM freezes (SIGSTOP: the socket stays open, nothing answers): requests must still
+    fail fast with UNAVAILABLE and health turn NOT_SERVING; when it answers again, it serves."""
+    state, sock, config = _serve_with_p11kit(tmp_path, fkube)
+    p11 = P11KitServer(state, sock)
+    server = None
+    try:
+        server = Server(["serve", "--config", config], state,
+                        env={"P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"},
+                        log_path=str(tmp_path / "serve.log"))
+        ch = client.channel(server.target, server.root_pem)
+        _one_cert(client, server)
+        p11.freeze()
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(L.rpc_error, client.create, ch, L.make_csr()[1], token=L.GOOD_TOKEN,
+                                   timeout=6) for _ in range(4)]
+            health = []
+            while time.monotonic() - t0 < 6.5:
+                health.append(_health_both(ch))
+                if set(health[-1].values()) == {"NOT_SERVING"}:
+                    break
+                time.sleep(0.25)
+            errors = [(e.code(), e.details()) for e in (f.result() for f in futures)]
+        took = time.monotonic() - t0
+        if any(code == grpc.StatusCode.DEADLINE_EXCEEDED for code, _ in errors) \
+                or set(health[-1].values()) != {"NOT_SERVING"}:
+            raise HsmHang(f"with the HSM frozen: requests {errors} after {took:.1f} s; health {health[-1]}")
+        assert all(code == grpc.StatusCode.UNAVAILABLE for code, _ in errors), errors
+        assert took < 6, took
+
+        p11.freeze(signal.SIGCONT)
+        _wait(lambda: set(_health_both(ch).values()) == {"SERVING"}, 10, "health SERVING after the HSM answers again")
+        _wait(lambda: _one_cert(client, server), 10, "a certificate after the HSM answers again", 0.5)
+    finally:
+        p11.stop()
+        rc = server.stop() if server else None
+    assert rc == 0, f"hsmca serve: exit {rc} on SIGTERM\n{server.diagnostics()}"
+
+
 # --------------------------------------------------------------------------------------------
 # 2. The user PIN changes underneath a running CA; a PIN file others can read
 
@@ -451,7 +590,7 @@ def test_pin_changed_underneath(tmp_path, fkube, client):
     dev_args = ["dev", "--state-dir", state, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                 "--kubeconfig", fkube.kubeconfig]
     received = []
-    server = dev(state, fkube.kubeconfig, str(tmp_path / "dev-1.log"))
+    server = start_dev(state, fkube.kubeconfig, str(tmp_path / "dev-1.log"))
     try:
         received.append(_one_cert(client, server)[0])
         old_pin = L.read(pin_file).splitlines()[0]
@@ -473,16 +612,15 @@ def test_pin_changed_underneath(tmp_path, fkube, client):
     # A restart with the old PIN in hsm-pin fails at start, saying why.
     rc, out = start_fails(dev_args)
     assert rc != 0, out
-    assert re.search(r"C_Login|PIN_INCORRECT|PinIncorrect|PIN|login", out), (
-        f"the start-up failure does not name the PIN or the login:\n{out}")
-    assert "C_Login" in out or re.search(r"pin", out, re.I), out
+    assert re.search(r"(C_|Function::)Login\b", out) and re.search(r"\bPIN\b", out) and '"hsmca"' in out, (
+        f"the start-up failure does not name the token, the login (C_Login) and the PIN:\n{out}")
     assert old_pin not in out and new_pin not in out, f"a PIN is printed:\n{out}"
 
     # The new PIN in hsm-pin (0600): it starts and signs again.
     with open(pin_file, "w") as f:
         f.write(new_pin + "\n")
     os.chmod(pin_file, 0o600)
-    server = dev(state, fkube.kubeconfig, str(tmp_path / "dev-2.log"))
+    server = start_dev(state, fkube.kubeconfig, str(tmp_path / "dev-2.log"))
     try:
         received.append(_one_cert(client, server)[0])
     finally:
@@ -517,7 +655,7 @@ def test_audit_log_unwritable(tmp_path, fkube, client):
     state = str(tmp_path / "S")
     audit = os.path.join(state, "audit")
     received = []
-    server = dev(state, fkube.kubeconfig, str(tmp_path / "dev.log"))
+    server = start_dev(state, fkube.kubeconfig, str(tmp_path / "dev.log"))
     locked = None
     try:
         received.append(_one_cert(client, server)[0])
@@ -572,6 +710,63 @@ def test_audit_log_unwritable(tmp_path, fkube, client):
     assert [r["kind"] for r in records].count("start") == 1
 
 
+AUDIT_SIGNS_UNRECORDED = (
+    "BUG: docs/AUDIT.md says that when the audit log cannot be written the CA 'signs nothing "
+    "until a write succeeds again', but the first request after the log became unwritable is "
+    "signed by the HSM (UNAVAILABLE '...; the certificate was signed but is withheld because it "
+    "could not be recorded'; hsmca_signing_latency_seconds_count goes up) and no record of that "
+    "signature ever reaches the log: the 'signing' record is queued without waiting for it to be "
+    "durable (server/service.rs) and is lost with the failed batch")
+
+
+class SignedUnrecorded(AssertionError):
+    """The HSM signed while the audit log could not be written."""
+
+
+def _issuance_signatures(server):
+    return server.metrics().get("hsmca_signing_latency_seconds_count", 0.0)
+
+
+def test_unwritable_audit_log_signs_nothing(tmp_path, fkube, client):
+    """The first request after the log turns unwritable (the CA does not know yet) must be
+    refused without the HSM signing anything; tried three times, with recovery in between."""
+    state = str(tmp_path / "S")
+    audit = os.path.join(state, "audit")
+    server = start_dev(state, fkube.kubeconfig, str(tmp_path / "dev.log"))
+    locked = None
+    try:
+        ch = client.channel(server.target, server.root_pem)
+        for attempt in range(3):
+            # Healthy: a certificate is issued (and recorded) now.
+            _wait(lambda: _one_cert(client, server), 10, "a certificate with a writable log", 0.2)
+            current = sorted(glob.glob(os.path.join(audit, "audit-*.jsonl")))[-1]
+            before = _issuance_signatures(server)
+            res = _chattr("+i", current) if shutil.which("chattr") else None
+            L.require_tool(res is not None and res.returncode == 0,
+                           f"cannot make {current} immutable with chattr +i: "
+                           f"{res.stderr.strip() if res else 'chattr not installed'}")
+            locked = current
+            _, csr = L.make_csr()
+            err = L.rpc_error(client.create, ch, csr, token=L.GOOD_TOKEN, timeout=10)
+            after = _issuance_signatures(server)
+            assert _chattr("-i", current).returncode == 0
+            locked = None
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "audit log" in err.details(), (
+                err.code(), err.details())
+            if after > before or "signed but is withheld" in err.details():
+                records = [r for r in _records(audit)
+                           if r.get("csr_sha256") == hashlib.sha256(csr.encode()).hexdigest()]
+                raise SignedUnrecorded(
+                    f"attempt {attempt + 1}: the HSM signed {after - before:.0f} certificate(s) while the audit "
+                    f"log was immutable: {err.details()!r}; records of that request in the log now: {records}")
+    finally:
+        if locked:
+            _chattr("-i", locked)
+        _stop_clean("hsmca dev (audit log immutable)", server)
+    rc, out = _verify(audit)
+    assert rc == 0, out
+
+
 # --------------------------------------------------------------------------------------------
 # 4. SIGKILL under load, with a node agent writing --output-certs
 
@@ -611,7 +806,7 @@ def test_kill_9_under_load(tmp_path, fkube, client):
     out_dir = str(tmp_path / "out-certs")
     token_file = tmp_path / "token"
     token_file.write_text(FOO_BAR_TOKEN)
-    server = dev(state, fkube.kubeconfig, str(tmp_path / "dev-1.log"))
+    server = start_dev(state, fkube.kubeconfig, str(tmp_path / "dev-1.log"))
     port = server.port
     agent = load = None
     received = []
@@ -634,7 +829,7 @@ def test_kill_9_under_load(tmp_path, fkube, client):
 
         # Restart on the same port, so the agent finds it again.
         n_before = len(agent.serials())
-        server = dev(state, fkube.kubeconfig, str(tmp_path / "dev-2.log"), listen=f"127.0.0.1:{port}")
+        server = start_dev(state, fkube.kubeconfig, str(tmp_path / "dev-2.log"), listen=f"127.0.0.1:{port}")
         received.append(_one_cert(client, server)[0])
         # The agent renews from the restarted CA (20 s lifetime: renewal every 10 s).
         agent.wait_issued(n_before + 1, 30)
@@ -672,4 +867,5 @@ def test_kill_9_under_load(tmp_path, fkube, client):
         "key.pem and cert-chain.pem do not belong together"
     assert L.san_strings(chain[0]) == [f"URI:{L.spiffe('foo', 'bar')}"]
     assert format(chain[0].serial_number, "x") in [s.lower().lstrip("0") for s in agent.serials()]
-    assert L.read(os.path.join(out_dir, "root-cert.pem")).strip() == L.read(os.path.join(state, "root-cert.pem")).strip()
+    assert L.read(os.path.join(out_dir, "root-cert.pem")).strip() == \
+        L.read(os.path.join(state, "root-cert.pem")).strip()
