@@ -422,11 +422,7 @@ def test_hsm_outage_under_load_does_not_abort(tmp_path, fkube, client):
 
 
 def test_network_hsm_outage_and_recovery(tmp_path, fkube, client):
-    """A network HSM goes away under load and comes back, OUTAGES times, without restarting hsmca.
-
-    When the server dies of the abort above (test_hsm_outage_under_load_does_not_abort, about
-    one run in two), this test is reported as xfail; any other failure fails it.
-    """
+    """A network HSM goes away under load and comes back, OUTAGES times, without restarting hsmca."""
     state, sock, config = _serve_with_p11kit(tmp_path, fkube)
     p11 = P11KitServer(state, sock)
     server = load = None
