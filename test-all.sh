@@ -6,6 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 ./softhsm-setup/install.sh
+# The fault-injection tests also need a network-HSM stand-in (p11-kit server and its client
+# module) and chattr (an audit log that cannot be written).
+missing=()
+command -v p11-kit >/dev/null || missing+=(p11-kit)
+[ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so ] || missing+=(p11-kit-modules)
+command -v chattr >/dev/null || missing+=(e2fsprogs)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   -r tests/python/requirements.txt
 
