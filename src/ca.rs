@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use der::asn1::BitString;
 use der::pem::LineEnding;
-use der::{Decode, Encode, EncodePem};
+use der::{Encode, EncodePem};
 use hsmca_hsm::{PublicKey, Signer};
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::SubjectKeyIdentifier;
@@ -252,14 +252,6 @@ pub fn read_pem_certs(path: &Path) -> Result<Vec<Certificate>, CaError> {
         )));
     }
     Ok(certs)
-}
-
-/// Decodes a DER or PEM CSR.
-pub fn parse_csr(bytes: &[u8]) -> Result<CertReq, CaError> {
-    use der::DecodePem;
-    CertReq::from_pem(bytes)
-        .or_else(|_| CertReq::from_der(bytes))
-        .map_err(|e| CaError::Malformed(format!("not a PKCS#10 CSR: {e}")))
 }
 
 /// The files of a CA in Istio's plugged-in layout.

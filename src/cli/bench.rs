@@ -13,14 +13,13 @@ const STAGE_ENV: &str = "HSMCA_BENCH_TOKEN_DIR";
 
 /// Runs the benchmark; in the parent, makes the temporary token directory and re-runs itself.
 pub fn hsm(per_case: Duration, sessions: Option<usize>) -> anyhow::Result<i32> {
-    let Some(dir) = std::env::var_os(STAGE_ENV) else {
+    if std::env::var_os(STAGE_ENV).is_none() {
         let tmp = tempfile::tempdir()?;
         std::fs::create_dir(tmp.path().join("tokens"))?;
         let conf = tmp.path().join("softhsm2.conf");
         softhsm::write_config(&conf, &tmp.path().join("tokens"), Overwrite::Never)?;
         return softhsm::rerun_with_conf(&conf, &[(STAGE_ENV, &tmp.path().to_string_lossy())]);
-    };
-    let _ = dir;
+    }
     let module = Module::load(&softhsm::module_path()?)?;
     let pin = Pin::new("bench-pin".into());
     module.init_token("bench", &Pin::new("bench-so".into()), &pin)?;

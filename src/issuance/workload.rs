@@ -30,9 +30,6 @@ pub enum WorkloadError {
     /// The CSR is malformed, or its signature or key is unacceptable.
     #[error("invalid CSR: {0}")]
     BadCsr(String),
-    /// The requested lifetime is not allowed.
-    #[error("{0}")]
-    BadTtl(String),
     /// The identity cannot be put in a certificate.
     #[error("{0}")]
     BadIdentity(String),

@@ -350,7 +350,7 @@ impl CaService {
     fn sign_error(&self, e: WorkloadError) -> RequestError {
         let m = &self.metrics;
         match e {
-            WorkloadError::BadCsr(r) | WorkloadError::BadTtl(r) | WorkloadError::BadIdentity(r) => {
+            WorkloadError::BadCsr(r) | WorkloadError::BadIdentity(r) => {
                 RequestError::InvalidArgument(r)
             }
             WorkloadError::Hsm(h) => {

@@ -18,7 +18,7 @@ use tokio_rustls::server::TlsStream;
 use x509_cert::name::Name;
 use zeroize::Zeroizing;
 
-use crate::ca::{self, CLOCK_SKEW};
+use crate::ca::CLOCK_SKEW;
 use crate::issuance::{self, CertKind, CertTemplate, WorkloadCa};
 
 /// Names the server certificate answers to.
@@ -184,9 +184,4 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-/// The root as a PEM string (for clients).
-pub fn root_pem(ca: &WorkloadCa) -> String {
-    ca::to_pem(ca.files().root())
 }
