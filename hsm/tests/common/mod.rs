@@ -12,13 +12,17 @@
 //! - `HSMCA_TEST_PKCS11_MODULE`: the PKCS#11 module (default: the system SoftHSM2).
 //! - `HSMCA_REQUIRE_TOOLS=1`: fail, instead of skipping a check, when `pkcs11-tool`,
 //!   `openssl` or `python3` is missing (CI sets it).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
 use hsmca_hsm::{Module, Pin, Token};
+
+#[path = "../../../tests/support/tools.rs"]
+mod tools;
+pub use tools::{have_tool, run, run_ok};
 
 /// The label of the token every test gets.
 pub const TOKEN_LABEL: &str = "test";
@@ -29,7 +33,6 @@ pub const SO_PIN: &str = "5678";
 
 const DIR_ENV: &str = "HSMCA_TEST_TOKEN_DIR";
 const MODULE_ENV: &str = "HSMCA_TEST_PKCS11_MODULE";
-const REQUIRE_TOOLS_ENV: &str = "HSMCA_REQUIRE_TOOLS";
 
 /// The PKCS#11 module under test.
 pub fn module_path() -> PathBuf {
@@ -116,44 +119,6 @@ fn run_parent(test_name: &str) {
         "the token process did not run test {test_name} (is the name passed to in_fresh_token \
          the exact test name?)"
     );
-}
-
-/// True when `tool` can be run. When it cannot, says so and returns false so that the caller
-/// skips its check, unless `HSMCA_REQUIRE_TOOLS=1`, where it panics.
-pub fn have_tool(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()));
-    if found {
-        return true;
-    }
-    if std::env::var(REQUIRE_TOOLS_ENV).as_deref() == Ok("1") {
-        panic!("{tool} is not on PATH and {REQUIRE_TOOLS_ENV}=1: run softhsm-setup/install.sh");
-    }
-    eprintln!(
-        "SKIPPING part of this test: {tool} is not on PATH (set {REQUIRE_TOOLS_ENV}=1 to fail)"
-    );
-    false
-}
-
-/// Runs a command and returns its output; panics when it cannot be started.
-pub fn run(cmd: &mut Command) -> Output {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    println!(
-        "$ {cmd:?}\n[{}]\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// Like [`run`], and asserts that the command succeeded.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let output = run(cmd);
-    assert!(output.status.success(), "{cmd:?} failed: {}", output.status);
-    output
 }
 
 /// `pkcs11-tool` on the test token, logged in as the user (SOFTHSM2_CONF is inherited).
