@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cli_common::{
-    Snapshot, assert_unchanged, audit_records, have_tool, hsmca, lint_has_no_errors, make_token,
-    norm_serial, openssl_serial, openssl_text, openssl_verify, pem_sha256,
-    pkcs11_tool_private_keys, run, run_fails, run_ok, snapshot, text,
+    Snapshot, assert_closed_and_sealed, assert_unchanged, audit_records, have_tool, hsmca,
+    lint_has_no_errors, make_token, norm_serial, openssl_serial, openssl_text, openssl_verify,
+    pem_sha256, pkcs11_tool_private_keys, run, run_fails, run_ok, snapshot, text,
 };
 
 const ROOT_TOKEN: &str = "hsmca-root";
@@ -110,15 +110,7 @@ impl Ceremony {
             text(&out)
         );
         let records = audit_records(&self.path(dir));
-        let kinds: Vec<_> = records
-            .iter()
-            .map(|r| r["kind"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            kinds[kinds.len() - 2..],
-            ["stop", "checkpoint"],
-            "{kinds:?}"
-        );
+        assert_closed_and_sealed(&records);
         records
     }
 }

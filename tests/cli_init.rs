@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use cli_common::{
-    assert_unchanged, audit_records, audit_verify, have_tool, hsmca, lint_has_no_errors,
-    norm_serial, openssl_serial, openssl_text, openssl_verify, pem_sha256,
+    assert_closed_and_sealed, assert_unchanged, audit_records, audit_verify, have_tool, hsmca,
+    lint_has_no_errors, norm_serial, openssl_serial, openssl_text, openssl_verify, pem_sha256,
     pkcs11_tool_private_keys, run, run_fails, run_ok, snapshot, text,
 };
 
@@ -203,16 +203,7 @@ fn assert_init_audit_log(dir: &Path) {
             );
         }
     }
-    // Closed: a stop record, then a checkpoint sealing everything.
-    let kinds: Vec<_> = records
-        .iter()
-        .map(|r| r["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        kinds[kinds.len() - 2..],
-        ["stop", "checkpoint"],
-        "{kinds:?}"
-    );
+    assert_closed_and_sealed(&records);
 }
 
 #[test]
@@ -413,9 +404,5 @@ fn dev_continues_the_audit_log_of_init() {
         .map(|r| r["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds.first(), Some(&"start"), "{kinds:?}");
-    assert_eq!(
-        kinds[kinds.len() - 2..],
-        ["stop", "checkpoint"],
-        "{kinds:?}"
-    );
+    assert_closed_and_sealed(&after);
 }

@@ -265,3 +265,16 @@ pub fn pem_sha256(path: &Path) -> String {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     hex::encode(sha2::Sha256::digest(&der))
 }
+
+/// Asserts that an audit log was closed: a stop record, then a checkpoint sealing everything.
+pub fn assert_closed_and_sealed(records: &[serde_json::Value]) {
+    let kinds: Vec<_> = records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["stop", "checkpoint"],
+        "{kinds:?}"
+    );
+}
