@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use der::Decode;
 use der::asn1::ObjectIdentifier;
-use hsmca_hsm::PublicKey;
 use hsmca_policy::SpiffeId;
 use x509_cert::certificate::Version;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -162,15 +161,14 @@ fn findings(p: &PreparedTbs) -> Vec<String> {
     let san = decode(<SubjectAltName as der::oid::AssociatedOid>::OID)
         .and_then(|(c, v)| SubjectAltName::from_der(v).ok().map(|san| (c, san)));
 
-    let key = PublicKey::from_spki_der(
-        &der::Encode::to_der(tbs.subject_public_key_info()).unwrap_or_default(),
-    );
-    let key = match key {
-        Ok(k) => Some(k),
-        Err(e) => {
-            fail("subject_key", e.to_string());
-            None
-        }
+    // The certified key was validated when it was parsed (CSR check, token, software key); the
+    // TBS must carry exactly that key, so it is compared, not parsed a second time.
+    let spki = der::Encode::to_der(tbs.subject_public_key_info()).unwrap_or_default();
+    let key = if spki == p.subject_key.spki_der() {
+        Some(&p.subject_key)
+    } else {
+        fail("subject_key", "the TBS key is not the validated key".into());
+        None
     };
 
     let aki_matches = aki

@@ -133,6 +133,8 @@ pub struct PreparedTbs {
     pub(super) issuer: IssuerInfo,
     pub(super) tbs_der: Vec<u8>,
     pub(super) tbs: TbsCertificate,
+    /// The validated key the certificate is for.
+    pub(super) subject_key: PublicKey,
 }
 
 impl PreparedTbs {
@@ -170,6 +172,7 @@ pub fn prepare(template: CertTemplate, issuer: &IssuerInfo) -> Result<PreparedTb
         issuer: issuer.clone(),
         tbs_der,
         tbs,
+        subject_key: template.public_key,
     })
 }
 

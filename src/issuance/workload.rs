@@ -67,8 +67,6 @@ pub struct CheckedCsr {
     pub dns_sans: Vec<String>,
     /// The CSR subject had a non-empty CommonName.
     pub has_common_name: bool,
-    /// SHA-256 of the CSR as received, hex.
-    pub sha256: String,
 }
 
 /// A signed workload certificate.
@@ -76,6 +74,8 @@ pub struct CheckedCsr {
 pub struct Issued {
     /// The leaf.
     pub certificate: Certificate,
+    /// The leaf's DER.
+    pub der: Vec<u8>,
     /// `[leaf, intermediates..., root]`, one PEM certificate per string.
     pub chain: Vec<String>,
     /// Serial, hex.
@@ -183,11 +183,18 @@ impl WorkloadCa {
         let tbs = certificate.tbs_certificate();
         let serial = super::serial_hex(tbs.serial_number());
         let not_after = tbs.validity().not_after.to_system_time();
+        let der = certificate
+            .to_der()
+            .map_err(|e| WorkloadError::Internal(e.to_string()))?;
         let mut chain = Vec::with_capacity(self.chain_pems.len() + 1);
-        chain.push(ca::to_pem(&certificate));
+        chain.push(
+            der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &der)
+                .map_err(|e| WorkloadError::Internal(e.to_string()))?,
+        );
         chain.extend(self.chain_pems.iter().cloned());
         Ok(Issued {
             certificate,
+            der,
             chain,
             serial,
             not_after,
@@ -197,7 +204,6 @@ impl WorkloadCa {
 
 /// Parses a PEM CSR, bounded in size, and verifies its self-signature and key.
 pub fn check_csr(pem: &str) -> Result<CheckedCsr, WorkloadError> {
-    use sha2::Digest;
     let bad = |m: String| WorkloadError::BadCsr(m);
     if pem.trim().is_empty() {
         return Err(bad("empty CSR".into()));
@@ -247,7 +253,6 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, WorkloadError> {
         uri_sans,
         dns_sans,
         has_common_name,
-        sha256: hex::encode(sha2::Sha256::digest(pem.as_bytes())),
     })
 }
 

@@ -333,9 +333,7 @@ impl CaService {
         m.observe_signing(started.elapsed());
         if let Some(audit) = &self.audit {
             trail.kind = Kind::Signed;
-            trail.cert_sha256 = Some(crate::audit::sha256_hex(
-                &der::Encode::to_der(&issued.certificate).unwrap_or_default(),
-            ));
+            trail.cert_sha256 = Some(crate::audit::sha256_hex(&issued.der));
             audit.append_durable(trail.clone()).await.map_err(|e| {
                 with(RequestError::Unavailable(format!(
                     "{e}; the certificate was signed but is withheld because it could not be recorded"

@@ -385,3 +385,16 @@ fn server_certificate_without_server_auth() {
     );
     assert_refused(&f, t, "server_extended_key_usage");
 }
+
+#[test]
+fn tbs_key_that_is_not_the_validated_key() {
+    let f = fixture();
+    let mut prepared = prepare(leaf(&f), &f.issuer).unwrap();
+    prepared.subject_key = SoftwareSigner::new().public_key().clone();
+    let err = lint(prepared).err().expect("lint subject_key did not fire");
+    assert!(
+        err.findings.iter().any(|x| x.starts_with("subject_key:")),
+        "{:?}",
+        err.findings
+    );
+}
